@@ -1,0 +1,237 @@
+"""Corpus → tokenised, packed mosaicml-streaming (MDS) shards, with N worker processes.
+
+Records are grouped in input order into chunks of about ``chunk_bytes`` of text. Each chunk is tokenised
+(batch encoding), split train/val by a hash of each document, packed, and written by one worker to
+``OUT/{split}/cNNNNNN/``. Chunks depend only on the input, so the shards are identical for any worker
+count. When every chunk is written the per-split indexes are merged in chunk order and ``manifest.json``
+is written last: an interrupted run leaves no index that claims missing shards, and no manifest.
+
+    OUT/manifest.json  OUT/tokenizer/tokenizer.json  OUT/train/index.json  OUT/val/index.json  …
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.packing import Blocks, pack_documents, pack_sft
+from data_prep.readers import ReadStats, Record, list_inputs, read_records
+from data_prep.tokenizer import TOKENIZER_FILE, ensure_special_tokens, load_tokenizer, tokenizer_sha256, train_bpe
+from mlfm_scale import __version__
+from mlfm_scale.config import PrepSection
+from mlfm_scale.data.manifest import FORMAT, VERSION, write_manifest
+from mlfm_scale.errors import UserError
+
+SPLITS = ("train", "val")
+COUNTS = ("documents", "tokens", "blocks", "padding")
+
+
+class PrepError(UserError):
+    """A prep request that cannot run as given (output directory, options)."""
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def mds_columns(kind: str, seq_len: int, dtype: str) -> dict[str, str]:
+    columns = {"tokens": f"ndarray:{dtype}:{seq_len}", "doc_starts": "ndarray:int32", "length": "int32",
+               "block_id": "int64"}
+    if kind == "sft":
+        columns["response_mask"] = f"ndarray:uint8:{seq_len}"
+    return columns
+
+
+def is_validation(record: Record, val_fraction: float) -> bool:
+    """Deterministic split by content hash: identical documents always land in the same split."""
+    text = record if isinstance(record, str) else record[0] + "\x00" + record[1]
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h < val_fraction * 2**64
+
+
+def chunk_records(records: Iterable[Record], chunk_bytes: int) -> Iterator[list[Record]]:
+    """Consecutive groups of records holding about ``chunk_bytes`` characters of text each."""
+    chunk, size = [], 0
+    for record in records:
+        chunk.append(record)
+        size += len(record) if isinstance(record, str) else len(record[0]) + len(record[1])
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# --------------------------------------------------------------------------------------- the worker
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_json: str, settings: dict) -> None:
+    from tokenizers import Tokenizer
+
+    logging.getLogger("streaming").setLevel(logging.ERROR)
+    _worker.update(settings, tokenizer=Tokenizer.from_str(tokenizer_json))
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in _worker["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _pack(records: list[Record]) -> tuple[Blocks, int]:
+    w = _worker
+    if w["kind"] == "sft":
+        prompts, responses = _encode([r[0] for r in records]), _encode([r[1] for r in records])
+        return pack_sft(list(zip(prompts, responses, strict=False)), w["seq_len"], w["eos"], np.dtype(w["dtype"]))
+    return pack_documents(_encode(records), w["seq_len"], w["eos"], w["pad"], np.dtype(w["dtype"])), 0
+
+
+def _write(blocks: Blocks, directory: Path, chunk_id: int) -> int:
+    """Write ``blocks`` as one MDS partition; returns the number of shard files."""
+    from streaming import MDSWriter
+
+    w = _worker
+    compression = None if w["compression"] == "none" else w["compression"]
+    with MDSWriter(out=str(directory), columns=w["columns"], compression=compression,
+                   size_limit=w["shard_size_limit"]) as writer:
+        for i in range(len(blocks)):
+            sample = {"tokens": blocks.tokens[i], "doc_starts": blocks.doc_starts[i],
+                      "length": int(blocks.lengths[i]), "block_id": (chunk_id << 32) | i}
+            if blocks.response_mask is not None:
+                sample["response_mask"] = blocks.response_mask[i]
+            writer.write(sample)
+    return sum(1 for f in directory.iterdir() if f.name.startswith("shard."))
+
+
+def _process_chunk(chunk_id: int, records: list[Record]) -> dict:
+    """Tokenise, split, pack and write one chunk; returns its counts per split."""
+    w = _worker
+    stats: dict = {"too_long": 0}
+    val = [is_validation(r, w["val_fraction"]) for r in records]
+    for split in SPLITS:
+        part = [r for r, v in zip(records, val, strict=False) if v == (split == "val")]
+        counts = dict.fromkeys(COUNTS, 0) | {"shards": 0}
+        if part:
+            blocks, too_long = _pack(part)
+            stats["too_long"] += too_long
+            real = int(blocks.lengths.sum())
+            counts.update(documents=len(part) - too_long, blocks=len(blocks), tokens=real,
+                          padding=len(blocks) * w["seq_len"] - real)
+            if len(blocks):
+                counts["shards"] = _write(blocks, Path(w["out"]) / split / f"c{chunk_id:06d}", chunk_id)
+        stats[split] = counts
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- the driver
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise PrepError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _texts(records: Iterable[Record]) -> Iterator[str]:
+    for r in records:
+        yield from ((r,) if isinstance(r, str) else r)
+
+
+def _merge_split(out: Path, split: str, chunk_ids: list[int]) -> None:
+    from streaming.base.util import merge_index
+
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # merge_index warns about its temporary folder
+    try:
+        merge_index([str(out / split / f"c{c:06d}" / "index.json") for c in chunk_ids], str(out / split))
+    finally:
+        root.setLevel(level)
+
+
+def prepare_shards(inputs: list[str | Path], out: str | Path, opts: PrepSection, seq_len: int,
+                   overwrite: bool = False, progress: bool = True) -> dict:
+    """Run the whole prep; returns the manifest (also written to ``out/manifest.json``)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    files = list_inputs(inputs)
+    kind = "sft" if opts.format == "sft" else "pretrain"
+    _prepare_output(out, overwrite)
+
+    if opts.tokenizer:
+        tok = load_tokenizer(opts.tokenizer)
+    else:
+        tok = train_bpe(_texts(read_records(files, opts, ReadStats())), opts.vocab_size)
+    special = ensure_special_tokens(tok, opts.eos_token)
+    (out / "tokenizer").mkdir()
+    tok.save(str(out / "tokenizer" / TOKENIZER_FILE))
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+
+    settings = dict(out=str(out), kind=kind, seq_len=seq_len, eos=special.eos, pad=special.pad, dtype=dtype,
+                    val_fraction=opts.val_fraction, compression=opts.compression,
+                    shard_size_limit=opts.shard_size_limit, columns=mds_columns(kind, seq_len, dtype))
+    stats = ReadStats()
+    totals = {s: dict.fromkeys(COUNTS, 0) | {"shards": 0} for s in SPLITS}
+    chunks_with = {s: [] for s in SPLITS}
+    too_long = 0
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker process; scale with --workers
+    pool = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(tok.to_str(), settings))
+    bar = tqdm(unit="tok", unit_scale=True, desc="prep", disable=not progress, mininterval=0.5)
+    pending: deque[tuple[int, Future]] = deque()
+
+    def collect_one() -> None:
+        nonlocal too_long
+        chunk_id, future = pending.popleft()
+        result = future.result()
+        too_long += result["too_long"]
+        for split in SPLITS:
+            for key, value in result[split].items():
+                totals[split][key] += value
+            if result[split]["shards"]:
+                chunks_with[split].append(chunk_id)
+        bar.update(result["train"]["tokens"] + result["val"]["tokens"])
+
+    try:
+        for chunk_id, records in enumerate(chunk_records(read_records(files, opts, stats), opts.chunk_bytes)):
+            pending.append((chunk_id, pool.submit(_process_chunk, chunk_id, records)))
+            while len(pending) > 2 * opts.workers:  # bounded read-ahead keeps memory flat
+                collect_one()
+        while pending:
+            collect_one()
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+    splits = {}
+    for split in SPLITS:
+        if chunks_with[split]:
+            _merge_split(out, split, chunks_with[split])
+            splits[split] = totals[split]
+    if "train" not in splits:
+        raise PrepError(f"no training blocks were written from {len(files)} input file(s): "
+                        f"{stats.documents} documents read, {stats.empty} empty, {stats.bad} bad")
+    manifest = {
+        "format": FORMAT, "version": VERSION, "kind": kind, "seq_len": seq_len, "token_dtype": dtype,
+        "tokenizer": {"file": f"tokenizer/{TOKENIZER_FILE}", "sha256": tokenizer_sha256(tok),
+                      "vocab_size": vocab_size, "eos_id": special.eos, "pad_id": special.pad,
+                      "mask_id": special.mask},
+        "splits": splits,
+        "skipped": {"empty": stats.empty, "bad": stats.bad, "utf8_replaced": stats.utf8_replaced,
+                    "too_long": too_long},
+        "sources": stats.sources,
+        "prep": opts.model_dump(mode="json"),
+        "mlfm_scale_version": __version__,
+    }
+    write_manifest(out, manifest)
+    return manifest

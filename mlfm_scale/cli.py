@@ -1,0 +1,79 @@
+"""``mlfm <command> ...``: each command is a module exposing ``add_arguments(parser)`` and ``run(args)``.
+
+Modules are imported only when their command runs, so ``mlfm --help`` stays fast (no torch import).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import types
+import typing
+from typing import Literal
+
+from pydantic import BaseModel, ValidationError
+
+from mlfm_scale.config import ConfigError, explain
+from mlfm_scale.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prep": ("data_prep.cli", "corpus → tokenised, packed streaming shards; the synthetic demo corpus"),
+    "demo": ("mlfm_scale.demo", "the main job on the embedded default (no downloads)"),
+    "config": ("mlfm_scale.config_cli", "print a config resolved with its overrides, or say what is wrong"),
+}
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], rename: dict | None = None) -> None:
+    """One ``--flag`` per field of ``model`` (type, choices and help from the schema); defaults stay unset
+    so :func:`model_from_flags` can tell given flags from schema defaults."""
+    for name, info in model.model_fields.items():
+        flag = "--" + (rename or {}).get(name, name).replace("_", "-")
+        ann = info.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(ann, types.UnionType) else [ann]
+        kind = args[0] if args else ann
+        help_text = f"{info.description or name} (default: {info.default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        elif typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def model_from_flags(args: argparse.Namespace, model: type[BaseModel], base: BaseModel | None = None):
+    """``base`` (or the schema defaults) with every flag the user gave applied, validated."""
+    given = {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
+    merged = (base.model_dump() if base is not None else {}) | given
+    try:
+        return model.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(explain(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    top = argparse.ArgumentParser(
+        prog="mlfm", description="Masked Language Flow Models at scale.",
+        epilog="commands:\n" + "\n".join(f"  {n:<8} {h}" for n, (_, h) in COMMANDS.items())
+        + "\n\n`mlfm COMMAND --help` describes each.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    top.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if not argv:
+        top.print_help()
+        return 2
+    ns = top.parse_args(argv[:1])
+    module_name, help_text = COMMANDS[ns.command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mlfm {ns.command}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return module.run(args) or 0
+    except UserError as e:
+        print(f"mlfm {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""One typed schema for the whole system, loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["train.lr=3e-4", "parallel.tp=2"])
+
+A YAML file may name a parent with ``extends: other.yaml`` (resolved relative to the file); the child is
+deep-merged over it. Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlfm_scale.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration problem a user can fix; the message names the key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SynthSection(Section):
+    """The synthetic demo corpus (``data_prep.synth``)."""
+
+    documents: int = Field(2000, ge=1)
+    seed: int = 0
+
+
+class PrepSection(Section):
+    """Corpus → tokenized, packed MDS shards (``data_prep``); each field is also a ``mlfm prep corpus`` flag."""
+
+    format: Literal["auto", "jsonl", "text", "parquet", "sft"] = Field(
+        "auto", description="input format; auto: .jsonl/.json → jsonl, .parquet → parquet, else text; "
+        "sft = prompt/response JSONL")
+    text_field: str = Field("text", description="JSONL field / Parquet column holding the document")
+    prompt_field: str = Field("prompt", description="SFT prompt field")
+    response_field: str = Field("response", description="SFT response field")
+    doc_per: Literal["file", "paragraph", "line"] = Field(
+        "file", description="how a plain-text file splits into documents")
+    tokenizer: str | None = Field(None, description="directory holding a Hugging Face tokenizer.json "
+                                  "(default: train a byte-level BPE on the corpus)")
+    vocab_size: int = Field(1024, ge=64, description="vocabulary of a trained BPE, special tokens included")
+    eos_token: str | None = Field(None, description="EOS token of a given tokenizer (default: common names)")
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="share of documents (by hash) for val")
+    workers: int = Field(1, ge=1, description="worker processes")
+    chunk_bytes: int = Field(4 << 20, ge=1 << 10, description="documents are packed in chunks of this "
+                             "many characters; the chunking, hence the shards, is the same for any worker count")
+    shard_size_limit: int = Field(64 << 20, ge=1 << 12, description="uncompressed bytes per MDS shard")
+    compression: Literal["zstd", "none"] = Field("zstd", description="shard compression")
+    skip_bad: bool = Field(False, description="count and skip malformed records instead of failing")
+    utf8_errors: Literal["strict", "replace"] = Field(
+        "strict", description="invalid UTF-8: fail, or replace with U+FFFD (counted)")
+
+
+class DataSection(Section):
+    root: str = "data"  # prepared shards (relative paths are under ``out_dir``)
+    seq_len: int = Field(128, ge=8)
+    synth: SynthSection = SynthSection()
+    prep: PrepSection = PrepSection()
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelSection(Section):
+    """A LLaMA-style bidirectional transformer with AdaLN time conditioning (MLFM.md, Model)."""
+
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=8)
+    num_heads: int = Field(4, ge=1)
+    ffn_hidden_size: int = Field(176, ge=8)  # SwiGLU inner width
+    vocab_size: int | None = None  # None → taken from the data manifest (incl. the mask token)
+    time_embed_dim: int = Field(256, ge=2)  # sinusoidal width of the γ embedding
+    time_hidden_size: int = Field(512, ge=1)  # width of the γ-embedding MLP
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    attention: Literal["auto", "flash", "sdpa"] = "auto"
+    attend_within_documents: bool = False  # restrict attention to each packed document
+    recompute: bool = False  # activation recompute per layer
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSection:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ objective
+class ObjectiveSection(Section):
+    """The forward process and the velocity objective (MLFM.md, Forward process / Loss)."""
+
+    sigma: float = Field(0.2, gt=0.0)
+    gamma_min: float = -10.0
+    gamma_max: float = 6.0
+    gamma_schedule: Literal["uniform", "normal", "gumbel", "active_piecewise", "active_mixture"] = (
+        "active_mixture"
+    )
+    mask_ratio: Literal["maskgit_cosine", "uniform"] = "maskgit_cosine"
+    mask_ratio_min: float = Field(0.05, ge=0.0, le=1.0)
+    mask_ratio_max: float = Field(1.0, ge=0.0, le=1.0)
+    mask_ratio_power: float = Field(1.0, gt=0.0)
+    low_discrepancy: bool = True
+    reduction: Literal["inverse_count", "inverse_p", "none"] = "inverse_count"
+    mse_weight: float = Field(0.0, ge=0.0)
+    crop_probability: float = Field(0.01, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ObjectiveSection:
+        if self.gamma_min >= self.gamma_max:
+            raise ValueError(f"gamma_min {self.gamma_min} must be below gamma_max {self.gamma_max}")
+        if self.mask_ratio_min > self.mask_ratio_max:
+            raise ValueError("mask_ratio_min must not exceed mask_ratio_max")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- parallel
+class ParallelSection(Section):
+    """Process layout: world = tp × pp × dp. ZeRO-3 needs pp = 1 (DeepSpeed's pipeline engine asserts)."""
+
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    micro_batches: int = Field(1, ge=1)  # pipeline micro-batches per step
+
+    @model_validator(mode="after")
+    def _supported_layout(self) -> ParallelSection:
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"pp={self.pp} with zero_stage={self.zero_stage} is not supported: DeepSpeed's pipeline engine "
+                "refuses ZeRO-2/3. Supported layouts: TP × ZeRO-3 (pp=1), or TP × PP × ZeRO-1 "
+                "(set parallel.zero_stage=1)."
+            )
+        return self
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """dp for a world of ``world_size`` processes; raises ConfigError when tp × pp does not divide it."""
+        if world_size % (self.tp * self.pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {self.tp} × {self.pp}"
+            )
+        return world_size // (self.tp * self.pp)
+
+
+# ---------------------------------------------------------------------------------------------- train
+class TrainSection(Section):
+    steps: int = Field(200, ge=1)
+    micro_batch_size: int = Field(8, ge=1)  # sequences per data-parallel rank per micro-step
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    resume: str | None = None  # None, "auto" (latest in out_dir), or a checkpoint path
+
+
+class CheckpointSection(Section):
+    every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    keep_every: int | None = None
+
+
+class LogSection(Section):
+    every: int = Field(10, ge=1)
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "mlfm-scale"
+
+
+class SampleSection(Section):
+    """Promotion sampler defaults (MLFM.md, Sampler)."""
+
+    steps: int = Field(256, ge=1)
+    gamma_min: float = -6.0
+    gamma_max: float = 6.0
+    temperature: float = Field(0.1, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    threshold: float = 0.8
+    min_promote: int = Field(1, ge=1)
+    confidence: Literal["prob", "max_prob", "margin", "neg_entropy"] = "prob"
+    guidance_scale: float = 0.0
+
+
+class LaunchSection(Section):
+    nodes: int = Field(1, ge=1)
+    tasks_per_node: int = Field(1, ge=1)
+    partition: str | None = None
+    time: str = "01:00:00"
+
+
+class Config(Section):
+    name: str = "mlfm"
+    out_dir: str = "runs/mlfm"
+    seed: int = 0
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    objective: ObjectiveSection = ObjectiveSection()
+    parallel: ParallelSection = ParallelSection()
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+    sample: SampleSection = SampleSection()
+    launch: LaunchSection = LaunchSection()
+
+    def path(self, relative: str) -> Path:
+        """``relative`` resolved under ``out_dir`` (absolute paths are kept)."""
+        p = Path(relative)
+        return p if p.is_absolute() else Path(self.out_dir) / p
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping at ``path`` with its ``extends`` chain merged in."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' cycle through {[str(p) for p in _seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return _deep_merge(read_yaml(path.parent / parent, _seen + (path,)), raw)
+
+
+def apply_override(tree: dict, override: str) -> dict:
+    """``tree`` with one ``a.b.c=value`` override set; the value is parsed as YAML (``3e-4`` stays text
+    and is converted by the schema, ``[1, 2]`` is a list, ``null`` is None)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    parts = key.strip().split(".")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+    return tree
+
+
+def explain(err: ValidationError) -> str:
+    """A ValidationError as one line per problem, each naming its dotted key path."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = "unknown key (not in the schema)" if e["type"] == "extra_forbidden" else e["msg"]
+        given = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"  {where}: {msg}{given}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(explain(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The validated config from ``path`` (or the schema defaults) with ``overrides`` applied in order."""
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for override in overrides:
+        tree = apply_override(tree, override)
+    return build_config(tree)

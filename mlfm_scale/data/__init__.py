@@ -1,0 +1,1 @@
+"""Streaming datasets over prepared shards, their manifest and its compatibility checks."""
