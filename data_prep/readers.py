@@ -7,7 +7,7 @@ example, in a deterministic order (inputs as given, directories sorted). Problem
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,22 @@ from mlfm_scale.config import PrepSection
 from mlfm_scale.errors import UserError
 
 Record = str | tuple[str, str]
+
+
+@dataclass(frozen=True)
+class RawLines:
+    """Consecutive whole JSONL lines of ``path``, not yet parsed, the first being line ``first_line``."""
+
+    path: str
+    first_line: int
+    data: bytes
+    sft: bool = False
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+Unit = Record | RawLines
 _FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
@@ -59,7 +75,7 @@ class _Reader:
         self.opts, self.stats = opts, stats
 
     def fail(self, where: str, problem: str, hint: str) -> None:
-        """Raise, or count the record as bad when skip_bad is set."""
+        """Raise, or count the record as bad when skip_bad is set (and return None: no record)."""
         if not self.opts.skip_bad:
             raise CorpusError(f"{where}: {problem}; {hint}")
         self.stats.bad += 1
@@ -90,31 +106,27 @@ class _Reader:
             self.fail(where, f"field {name!r} is {type(value).__name__}, not a string", "fix the record")
         return None
 
-    def jsonl(self, path: Path, sft: bool) -> Iterator[Record]:
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                if not raw.strip():
-                    continue
-                line = self.decode(raw, where)
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    self.fail(where, f"malformed JSON ({e.msg} at column {e.colno})",
-                              "fix the line or pass --skip-bad to count and skip such lines")
-                    continue
-                if not isinstance(obj, dict):
-                    self.fail(where, f"expected a JSON object, got {type(obj).__name__}", "fix the line")
-                    continue
-                if sft:
-                    prompt = self.field(obj, self.opts.prompt_field, where, "--prompt-field")
-                    response = self.field(obj, self.opts.response_field, where, "--response-field")
-                    if prompt is not None and response is not None and self.keep(response):
-                        yield prompt, response
-                else:
-                    text = self.field(obj, self.opts.text_field, where, "--text-field")
-                    if text is not None and self.keep(text):
-                        yield text
+    def lines(self, raw: RawLines) -> Iterator[Record]:
+        """The records of a block of JSONL lines (blank lines, empty documents and, under skip_bad, bad lines
+        are skipped)."""
+        for lineno, data in enumerate(raw.data.split(b"\n"), raw.first_line):
+            if data.strip() and (record := self.line(data, f"{raw.path}:{lineno}", raw.sft)) is not None:
+                yield record
+
+    def line(self, data: bytes, where: str, sft: bool) -> Record | None:
+        try:
+            obj = json.loads(self.decode(data, where))
+        except json.JSONDecodeError as e:
+            return self.fail(where, f"malformed JSON ({e.msg} at column {e.colno})",
+                             "fix the line or pass --skip-bad to count and skip such lines")
+        if not isinstance(obj, dict):
+            return self.fail(where, f"expected a JSON object, got {type(obj).__name__}", "fix the line")
+        if sft:
+            prompt = self.field(obj, self.opts.prompt_field, where, "--prompt-field")
+            response = self.field(obj, self.opts.response_field, where, "--response-field")
+            return (prompt, response) if prompt is not None and response is not None and self.keep(response) else None
+        text = self.field(obj, self.opts.text_field, where, "--text-field")
+        return text if text is not None and self.keep(text) else None
 
     def text(self, path: Path) -> Iterator[Record]:
         content = self.decode(path.read_bytes(), str(path))
@@ -150,18 +162,42 @@ class _Reader:
                     yield value
 
 
-def read_records(files: list[Path], opts: PrepSection, stats: ReadStats) -> Iterator[Record]:
-    """Every record of ``files`` in order; ``stats`` is updated as they are read."""
+def _jsonl_blocks(path: Path, sft: bool, block_bytes: int) -> Iterator[RawLines]:
+    """``path`` in blocks of whole lines of about ``block_bytes`` each."""
+    with path.open("rb") as f:
+        first_line = 1
+        while data := f.read(block_bytes):
+            if not data.endswith(b"\n"):
+                data += f.readline()
+            yield RawLines(str(path), first_line, data, sft)
+            first_line += data.count(b"\n")
+
+
+def read_units(files: list[Path], opts: PrepSection, stats: ReadStats) -> Iterator[Unit]:
+    """The inputs in order as units: JSONL as blocks of unparsed lines (:class:`RawLines`, of about
+    ``opts.chunk_bytes``, parsed by whoever tokenises them), text and Parquet documents as records. Counts the
+    sources, and the empty text/Parquet documents."""
     reader = _Reader(opts, stats)
     for path in files:
         fmt = input_format(path, opts.format)
         stats.sources.append({"path": str(path), "bytes": path.stat().st_size, "format": fmt})
         if fmt == "parquet":
-            records = reader.parquet(path)
+            yield from reader.parquet(path)
         elif fmt == "text":
-            records = reader.text(path)
+            yield from reader.text(path)
         else:
-            records = reader.jsonl(path, sft=fmt == "sft")
-        for record in records:
+            yield from _jsonl_blocks(path, fmt == "sft", opts.chunk_bytes)
+
+
+def parse_units(units: Iterable[Unit], opts: PrepSection, stats: ReadStats) -> Iterator[Record]:
+    """Records from units (JSONL blocks parsed here); counts documents, and the empty and bad lines."""
+    reader = _Reader(opts, stats)
+    for unit in units:
+        for record in reader.lines(unit) if isinstance(unit, RawLines) else (unit,):
             stats.documents += 1
             yield record
+
+
+def read_records(files: list[Path], opts: PrepSection, stats: ReadStats) -> Iterator[Record]:
+    """Every record of ``files`` in order; ``stats`` is updated as they are read."""
+    return parse_units(read_units(files, opts, stats), opts, stats)

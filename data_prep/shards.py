@@ -1,7 +1,8 @@
 """Corpus → tokenised, packed mosaicml-streaming (MDS) shards, with N worker processes.
 
-Records are grouped in input order into chunks of about ``chunk_bytes`` of text. Each chunk is tokenised
-(batch encoding), split train/val by a hash of each document, packed, and written by one worker to
+The main process reads the inputs in order and groups them into chunks of about ``chunk_bytes`` (JSONL lines
+unparsed). Each chunk is parsed, tokenised (pieces cached, see ``PieceCachedEncoder``), split train/val by a
+hash of each document, packed, and written by one worker to
 ``OUT/{split}/cNNNNNN/``. Chunks depend only on the input, so the shards are identical for any worker
 count. When every chunk is written the per-split indexes are merged in chunk order and ``manifest.json``
 is written last: an interrupted run leaves no index that claims missing shards, and no manifest.
@@ -23,8 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.packing import Blocks, pack_documents, pack_sft
-from data_prep.readers import ReadStats, Record, list_inputs, read_records
-from data_prep.tokenizer import TOKENIZER_FILE, ensure_special_tokens, load_tokenizer, tokenizer_sha256, train_bpe
+from data_prep.readers import ReadStats, Record, Unit, list_inputs, parse_units, read_records, read_units
+from data_prep.tokenizer import (
+    TOKENIZER_FILE,
+    PieceCachedEncoder,
+    ensure_special_tokens,
+    load_tokenizer,
+    tokenizer_sha256,
+    train_bpe,
+)
 from mlfm_scale import __version__
 from mlfm_scale.config import PrepSection
 from mlfm_scale.data.manifest import FORMAT, VERSION, write_manifest
@@ -57,12 +65,13 @@ def is_validation(record: Record, val_fraction: float) -> bool:
     return h < val_fraction * 2**64
 
 
-def chunk_records(records: Iterable[Record], chunk_bytes: int) -> Iterator[list[Record]]:
-    """Consecutive groups of records holding about ``chunk_bytes`` characters of text each."""
+def chunk_units(units: Iterable[Unit], chunk_bytes: int) -> Iterator[list[Unit]]:
+    """Consecutive groups of units holding about ``chunk_bytes`` of input each (bytes of a JSONL line,
+    characters of a text or Parquet document)."""
     chunk, size = [], 0
-    for record in records:
-        chunk.append(record)
-        size += len(record) if isinstance(record, str) else len(record[0]) + len(record[1])
+    for unit in units:
+        chunk.append(unit)
+        size += len(unit)
         if size >= chunk_bytes:
             yield chunk
             chunk, size = [], 0
@@ -74,22 +83,23 @@ def chunk_records(records: Iterable[Record], chunk_bytes: int) -> Iterator[list[
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_json: str, settings: dict) -> None:
+def _init_worker(tokenizer_json: str, opts: PrepSection, settings: dict) -> None:
     from tokenizers import Tokenizer
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: scale with --workers
     logging.getLogger("streaming").setLevel(logging.ERROR)
-    _worker.update(settings, tokenizer=Tokenizer.from_str(tokenizer_json))
+    _worker.update(settings, opts=opts, encoder=PieceCachedEncoder(Tokenizer.from_str(tokenizer_json)))
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in _worker["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)]
+    return _worker["encoder"].encode(texts)
 
 
 def _pack(records: list[Record]) -> tuple[Blocks, int]:
     w = _worker
     if w["kind"] == "sft":
         prompts, responses = _encode([r[0] for r in records]), _encode([r[1] for r in records])
-        return pack_sft(list(zip(prompts, responses, strict=False)), w["seq_len"], w["eos"], np.dtype(w["dtype"]))
+        return pack_sft(list(zip(prompts, responses)), w["seq_len"], w["eos"], np.dtype(w["dtype"]))
     return pack_documents(_encode(records), w["seq_len"], w["eos"], w["pad"], np.dtype(w["dtype"])), 0
 
 
@@ -110,13 +120,15 @@ def _write(blocks: Blocks, directory: Path, chunk_id: int) -> int:
     return sum(1 for f in directory.iterdir() if f.name.startswith("shard."))
 
 
-def _process_chunk(chunk_id: int, records: list[Record]) -> dict:
-    """Tokenise, split, pack and write one chunk; returns its counts per split."""
+def _process_chunk(chunk_id: int, units: list[Unit]) -> dict:
+    """Parse, tokenise, split, pack and write one chunk; returns its counts per split and its read counts."""
     w = _worker
-    stats: dict = {"too_long": 0}
+    read = ReadStats()
+    records = list(parse_units(units, w["opts"], read))
+    stats: dict = {"too_long": 0, "read": (read.documents, read.empty, read.bad, read.utf8_replaced)}
     val = [is_validation(r, w["val_fraction"]) for r in records]
     for split in SPLITS:
-        part = [r for r, v in zip(records, val, strict=False) if v == (split == "val")]
+        part = [r for r, v in zip(records, val) if v == (split == "val")]
         counts = dict.fromkeys(COUNTS, 0) | {"shards": 0}
         if part:
             blocks, too_long = _pack(part)
@@ -182,9 +194,10 @@ def prepare_shards(inputs: list[str | Path], out: str | Path, opts: PrepSection,
     totals = {s: dict.fromkeys(COUNTS, 0) | {"shards": 0} for s in SPLITS}
     chunks_with = {s: [] for s in SPLITS}
     too_long = 0
-    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker process; scale with --workers
-    pool = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(tok.to_str(), settings))
+    import streaming  # noqa: F401  imported (with torch) once here; the forked workers inherit it
+
+    pool = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_init_worker, initargs=(tok.to_str(), opts, settings))
     bar = tqdm(unit="tok", unit_scale=True, desc="prep", disable=not progress, mininterval=0.5)
     pending: deque[tuple[int, Future]] = deque()
 
@@ -193,6 +206,11 @@ def prepare_shards(inputs: list[str | Path], out: str | Path, opts: PrepSection,
         chunk_id, future = pending.popleft()
         result = future.result()
         too_long += result["too_long"]
+        documents, empty, bad, replaced = result["read"]
+        stats.documents += documents
+        stats.empty += empty
+        stats.bad += bad
+        stats.utf8_replaced += replaced
         for split in SPLITS:
             for key, value in result[split].items():
                 totals[split][key] += value
@@ -201,8 +219,8 @@ def prepare_shards(inputs: list[str | Path], out: str | Path, opts: PrepSection,
         bar.update(result["train"]["tokens"] + result["val"]["tokens"])
 
     try:
-        for chunk_id, records in enumerate(chunk_records(read_records(files, opts, stats), opts.chunk_bytes)):
-            pending.append((chunk_id, pool.submit(_process_chunk, chunk_id, records)))
+        for chunk_id, units in enumerate(chunk_units(read_units(files, opts, stats), opts.chunk_bytes)):
+            pending.append((chunk_id, pool.submit(_process_chunk, chunk_id, units)))
             while len(pending) > 2 * opts.workers:  # bounded read-ahead keeps memory flat
                 collect_one()
         while pending:

@@ -7,8 +7,11 @@ old vocabulary size (SMDM: vocab 32000, mask id 32000).
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -83,3 +86,56 @@ def ensure_special_tokens(tok: Tokenizer, eos_token: str | None = None) -> Speci
 def tokenizer_sha256(tok: Tokenizer) -> str:
     """A content hash of the serialised tokenizer (what training checks for compatibility)."""
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+# GPT-2's pre-tokenisation pattern (what ByteLevel(use_regex=True) splits on), spelled for ASCII text, where
+# \p{L} = [A-Za-z], \p{N} = [0-9] and Unicode White_Space = [ \t\n\v\f\r] hold exactly.
+_WS = r"[ \t\n\x0b\x0c\r]"
+_ASCII_PIECES = re.compile(
+    rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?(?:(?!{_WS})[^A-Za-z0-9])+|{_WS}+(?!(?!{_WS})[\s\S])|{_WS}+")
+
+
+class PieceCachedEncoder:
+    """Encodes like ``tokenizer.encode(text, add_special_tokens=False).ids`` but caches the ids of each
+    pre-token ("piece"): byte-level BPE encodes pieces independently, so a document is the concatenation of
+    its pieces' ids. Natural text repeats pieces (Zipf), so most pieces are dictionary hits.
+
+    The cache applies to byte-level BPE tokenizers without a normaliser, on ASCII documents that contain no
+    added-token text; every other document (and every other tokenizer) goes through ``encode_batch``, so the
+    result is always exactly the tokenizer's.
+    """
+
+    def __init__(self, tok: Tokenizer, max_pieces: int = 200_000):
+        self.tok, self.max_pieces = tok, max_pieces
+        spec = json.loads(tok.to_str())
+        pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+        self.cached = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                       and not pre.get("add_prefix_space") and model.get("type") == "BPE" and not model.get("dropout"))
+        self.added = [t["content"] for t in spec.get("added_tokens", [])]
+        self.cache: dict[str, list[int]] = {}
+
+    def _fast(self, text: str) -> bool:
+        return self.cached and text.isascii() and not any(a in text for a in self.added)
+
+    def _piece(self, piece: str) -> list[int]:
+        ids = self.tok.encode(piece, add_special_tokens=False).ids
+        if len(self.cache) < self.max_pieces:
+            self.cache[piece] = ids
+        return ids
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        out: list[list[int] | None] = [None] * len(texts)
+        slow, lookup = [], self.cache.get
+        for i, text in enumerate(texts):
+            if self._fast(text):
+                pieces = _ASCII_PIECES.findall(text)
+                parts = list(map(lookup, pieces))
+                if None in parts:
+                    parts = [ids if ids is not None else self._piece(p) for p, ids in zip(pieces, parts)]
+                out[i] = list(chain.from_iterable(parts))
+            else:
+                slow.append(i)
+        if slow:
+            for i, enc in zip(slow, self.tok.encode_batch([texts[i] for i in slow], add_special_tokens=False)):
+                out[i] = enc.ids
+        return out

@@ -90,23 +90,39 @@ class ModelSection(Section):
 
 
 # ------------------------------------------------------------------------------------------ objective
+class ActiveCurveSection(Section):
+    """The adaptive "active" γ curve (MLFM.md, γ schedules)."""
+
+    bins: int = Field(128, ge=4)
+    quantiles: int = Field(101, ge=3)
+    ce_decay: float = Field(0.999, ge=0.0, lt=1.0)  # EMA of CE per γ-bin
+    rate: float = Field(0.002, gt=0.0, le=1.0)  # stored inverse CDF moves this far toward the fitted one
+    r2_min: float = Field(0.95, le=1.0)  # the logistic fit is accepted at this R² or better
+    update_every: int = Field(10, ge=1)  # optimizer steps between curve updates
+
+
 class ObjectiveSection(Section):
     """The forward process and the velocity objective (MLFM.md, Forward process / Loss)."""
 
+    kind: Literal["mlfm", "mdm"] = "mlfm"  # mdm: the same network as a plain masked diffusion model (baseline)
     sigma: float = Field(0.2, gt=0.0)
     gamma_min: float = -10.0
     gamma_max: float = 6.0
     gamma_schedule: Literal["uniform", "normal", "gumbel", "active_piecewise", "active_mixture"] = (
         "active_mixture"
     )
+    gamma_loc: float = -2.5  # normal / gumbel location
+    gamma_scale: float = Field(2.0, gt=0.0)  # normal / gumbel scale
+    mixture_weights: tuple[float, float, float] = (0.1, 0.2, 0.7)  # active_mixture: uniform, normal, active
+    active: ActiveCurveSection = ActiveCurveSection()
     mask_ratio: Literal["maskgit_cosine", "uniform"] = "maskgit_cosine"
     mask_ratio_min: float = Field(0.05, ge=0.0, le=1.0)
     mask_ratio_max: float = Field(1.0, ge=0.0, le=1.0)
     mask_ratio_power: float = Field(1.0, gt=0.0)
     low_discrepancy: bool = True
-    reduction: Literal["inverse_count", "inverse_p", "none"] = "inverse_count"
-    mse_weight: float = Field(0.0, ge=0.0)
-    crop_probability: float = Field(0.01, ge=0.0, le=1.0)
+    reduction: Literal["inverse_count", "inverse_p"] = "inverse_count"
+    mse_weight: float = Field(0.0, ge=0.0)  # λ of ‖x̂0 − e‖² on corrupted positions (0 pretraining, 10 SFT)
+    crop_probability: float = Field(0.01, ge=0.0, le=1.0)  # pretraining: crop a micro-batch to a random prefix
 
     @model_validator(mode="after")
     def _ranges(self) -> ObjectiveSection:

@@ -25,3 +25,18 @@ def synth_corpus(tmp_path_factory) -> Path:
 def mlfm_cmd() -> list[str]:
     """The installed console script's equivalent, runnable in a subprocess."""
     return [sys.executable, "-m", "mlfm_scale.cli"]
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-process gloo group with megatron parallel_state at tp = pp = 1, for single-process model tests."""
+    import torch.distributed as dist
+
+    from mlfm_scale.config import ParallelSection
+    from mlfm_scale.parallel.state import init_model_parallel
+    from tests.distributed import free_port
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    init_model_parallel(ParallelSection(tp=1, pp=1), seed=0)
+    yield

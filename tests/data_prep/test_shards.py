@@ -153,7 +153,7 @@ def test_sft_shards_carry_the_response_mask(tmp_path):
     tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
     samples = sorted(read_split(out, "train"), key=lambda s: int(s["block_id"]))
     assert len(samples) == 40
-    for row, s in zip(rows, samples, strict=False):
+    for row, s in zip(rows, samples):
         prompt = tok.encode(row["prompt"], add_special_tokens=False).ids
         response = tok.encode(row["response"], add_special_tokens=False).ids
         assert s["tokens"][: len(prompt)].tolist() == prompt

@@ -1,0 +1,75 @@
+"""The masked stochastic bridge (MLFM.md, "Forward process", "Sampler", "Flow-map distillation").
+
+Corrupted positions travel from the mask embedding m (t = 0) to their clean embedding e (t = 1) with marginal
+``N((1−t)·m + t·e, σ²·t(1−t)·I)``; observed positions stay exactly e. Times t are scalars or Tensor[B] (one per
+sequence); coefficients are computed in float32 or wider and results returned in the embeddings' dtype. Each
+random draw uses the ``generator`` passed in, which must live on the tensors' device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def broadcast_time(t: Tensor | float, like: Tensor) -> Tensor:
+    """t (scalar or Tensor[B]) shaped [B, 1, …, 1] to broadcast against ``like`` [B, …], on its device, in
+    t's floating dtype promoted to at least float32."""
+    t = torch.as_tensor(t, device=like.device)
+    t = t.to(torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32)
+    return t if t.ndim == 0 else t.reshape(t.shape[0], *([1] * (like.ndim - 1)))
+
+
+def sample_corrupted(valid: Tensor, p: Tensor, generator: torch.Generator) -> Tensor:
+    """Corrupted set C: Bool[B, L], each valid position independently with probability ``p[b]``.
+
+    ``valid``: Bool[B, L]; ``p``: Tensor[B] in [0, 1]. A row with valid positions but none chosen gets the valid
+    position with the smallest uniform draw, which given that none was chosen is uniform among its valid ones.
+    Invalid positions are never chosen. One uniform per position is drawn whatever the masks.
+    """
+    u = torch.rand(valid.shape, generator=generator, device=valid.device)
+    chosen = (u < p.to(u.dtype).unsqueeze(1)) & valid
+    empty = valid.any(dim=1) & ~chosen.any(dim=1)
+    first = torch.where(valid, u, 2.0).argmin(dim=1)
+    forced = torch.zeros_like(chosen).scatter_(1, first.unsqueeze(1), True) & empty.unsqueeze(1)
+    return chosen | forced
+
+
+def bridge_forward(e: Tensor, m: Tensor, t: Tensor, corrupted: Tensor, sigma: float,
+                   generator: torch.Generator) -> Tensor:
+    """Forward process z: Tensor[B, L, d] in e's dtype.
+
+    ``e``: clean embeddings [B, L, d]; ``m``: mask embedding [d]; ``t``: Tensor[B] (or scalar) bridge time;
+    ``corrupted``: Bool[B, L]. On corrupted positions ``z = (1−t)·m + t·e + σ·sqrt(t(1−t))·ε``, elsewhere z = e
+    bit-exactly. ε ~ N(0, I) is drawn for every position (e's device and dtype) and then selected, so a position's
+    noise does not depend on which other positions are corrupted.
+    """
+    eps = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+    t = broadcast_time(t, e)
+    noisy = (1 - t) * m + t * e + sigma * torch.sqrt(t * (1 - t)) * eps
+    return torch.where(corrupted.unsqueeze(-1), noisy.to(e.dtype), e)
+
+
+def sde_step(z: Tensor, x0_hat: Tensor, t: Tensor | float, t_next: Tensor | float, sigma: float,
+             generator: torch.Generator) -> Tensor:
+    """One bridge SDE step from t to t_next > t (t < 1): Tensor like z [B, …].
+
+    ``z' = z + (t_next−t)/(1−t)·(x̂0 − z) + σ·sqrt((t_next−t)(1−t_next)/(1−t))·ε``. With a fixed x̂0 = e this maps
+    the bridge marginal at t onto the one at t_next; at t_next = 1 the noise vanishes and z' = x̂0. ε is always
+    drawn (z's shape, device, dtype) so the generator advances the same way on every step.
+    """
+    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    t, t_next = broadcast_time(t, z), broadcast_time(t_next, z)
+    dt = t_next - t
+    std = sigma * torch.sqrt((dt * (1 - t_next) / (1 - t)).clamp_min(0.0))
+    return (z + dt / (1 - t) * (x0_hat - z) + std * eps).to(z.dtype)
+
+
+def flow_drift(z: Tensor, x1_hat: Tensor, m: Tensor, t: Tensor | float) -> Tensor:
+    """Probability-flow ODE drift dz/dt: Tensor like z [B, …], for t in (0, 1).
+
+    ``b(t, z) = x̂1 − m + (1−2t)/(2t(1−t))·(z − (1−t)·m − t·x̂1)``, with x̂1 the posterior-mean clean embedding;
+    it transports the bridge marginal (mean and variance) along t when x̂1 is the true e.
+    """
+    t = broadcast_time(t, z)
+    mean = (1 - t) * m + t * x1_hat
+    return (x1_hat - m + (1 - 2 * t) / (2 * t * (1 - t)) * (z - mean)).to(z.dtype)

@@ -1,0 +1,1 @@
+"""The MLFM network on megatron-core: attention backends, the AdaLN layer, specs, the model, FLOPs."""

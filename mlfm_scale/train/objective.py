@@ -1,0 +1,169 @@
+"""The MLFM training objective on the model: corrupt a micro-batch, run the network, reduce the loss.
+
+    ids ─embed→ e ─(γ, p, C, bridge noise)→ z ─model(z, γ)→ logits ─vocab-parallel CE (, x̂0)→ loss
+
+``corrupt`` and ``loss`` are separate so a pipeline can draw the corruption on its first stage and reduce
+the loss on its last. Every draw comes from the one ``torch.Generator`` passed in, seeded by the caller from
+(seed, step, micro-batch, data-parallel rank): tensor-parallel peers draw identical corruption.
+``kind = mdm`` trains the same network as a plain masked diffusion model (z = m on C, fixed γ), the baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlfm_scale.config import ObjectiveSection
+from mlfm_scale.flow.bridge import bridge_forward, sample_corrupted
+from mlfm_scale.flow.objective import embedding_mse, masked_ce_loss, sft_ce_loss
+from mlfm_scale.flow.schedules import (
+    ActiveGammaCurve,
+    GammaSchedule,
+    bridge_time,
+    make_gamma_schedule,
+    mask_ratio,
+    stratified_uniform,
+)
+from mlfm_scale.model.mlfm import MLFMModel
+
+
+@dataclass
+class MicroBatch:
+    """tokens Long[b, s]; lengths Long[b] real positions per row; segment_ids Long[b, s] (attention segments,
+    None = whole block); response Bool[b, s] (SFT only)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    response: torch.Tensor | None = None
+
+    def prefix(self, length: int) -> MicroBatch:
+        cut = lambda x: None if x is None else x[:, :length]  # noqa: E731
+        return MicroBatch(self.tokens[:, :length], self.lengths.clamp(max=length), cut(self.segment_ids),
+                          cut(self.response))
+
+
+@dataclass
+class Corruption:
+    """What the forward process drew for a micro-batch: z [b, s, d], e [b, s, d], γ/t/p [b],
+    corrupted / valid Bool[b, s]."""
+
+    z: torch.Tensor
+    e: torch.Tensor
+    gamma: torch.Tensor
+    t: torch.Tensor
+    p: torch.Tensor
+    corrupted: torch.Tensor
+    valid: torch.Tensor
+
+
+class MLFMObjective:
+    """MLFM.md's forward process and velocity objective (CE through the clean-data parameterisation, plus
+    λ·‖x̂0 − e‖²), with the adaptive γ curve when the schedule uses it."""
+
+    def __init__(self, cfg: ObjectiveSection, mask_id: int, special_ids: tuple[int, ...]):
+        self.cfg, self.mask_id = cfg, mask_id
+        self.special_ids = torch.tensor(sorted(set(special_ids) | {mask_id}))
+        self.curve = None
+        if cfg.gamma_schedule.startswith("active"):
+            a = cfg.active
+            self.curve = ActiveGammaCurve(cfg.gamma_min, cfg.gamma_max, a.bins, a.quantiles, a.ce_decay, a.rate,
+                                          a.r2_min)
+        self._schedule = self._build_schedule()
+
+    def _build_schedule(self) -> GammaSchedule:
+        c = self.cfg
+        return make_gamma_schedule(c.gamma_schedule, c.gamma_min, c.gamma_max, active=self.curve,
+                                   normal_loc=c.gamma_loc, normal_scale=c.gamma_scale,
+                                   mixture_weights=c.mixture_weights, gumbel_loc=c.gamma_loc,
+                                   gumbel_scale=c.gamma_scale)
+
+    @property
+    def schedule(self) -> GammaSchedule:
+        return self._schedule
+
+    # ------------------------------------------------------------------------------------ γ curve
+    def observe(self, gamma: torch.Tensor, ce: torch.Tensor) -> None:
+        """Feed per-sequence γ [N] and corrupted-set CE [N] (gathered over ranks by the caller)."""
+        if self.curve is not None:
+            keep = torch.isfinite(ce)
+            self.curve.observe(gamma[keep], ce[keep])
+
+    def update_curve(self) -> bool:
+        """Move the active curve toward its fitted target; True (and the schedule rebuilt) if it moved."""
+        if self.curve is None or not self.curve.update():
+            return False
+        self._schedule = self._build_schedule()
+        return True
+
+    def state_dict(self) -> dict:
+        return {"curve": None if self.curve is None else self.curve.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.curve is not None and state.get("curve") is not None:
+            self.curve.load_state_dict(state["curve"])
+            self._schedule = self._build_schedule()
+
+    # ---------------------------------------------------------------------------------- corruption
+    def _uniforms(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.cfg.low_discrepancy:
+            return stratified_uniform(n, generator)
+        return torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64)
+
+    def valid_positions(self, batch: MicroBatch) -> torch.Tensor:
+        """Bool[b, s]: real positions (below the row's length) holding no special token."""
+        positions = torch.arange(batch.tokens.size(1), device=batch.tokens.device)
+        real = positions[None] < batch.lengths[:, None]
+        return real & ~torch.isin(batch.tokens, self.special_ids.to(batch.tokens.device))
+
+    def corrupt(self, model: MLFMModel, batch: MicroBatch, generator: torch.Generator) -> Corruption:
+        c = self.cfg
+        b = batch.tokens.size(0)
+        device = batch.tokens.device
+        valid = self.valid_positions(batch)
+        p = mask_ratio(self._uniforms(b, generator), c.mask_ratio, c.mask_ratio_min, c.mask_ratio_max,
+                       c.mask_ratio_power).float().to(device)
+        if batch.response is not None:  # SFT: only the response, and half the rows wholly
+            valid = batch.response & (torch.arange(batch.tokens.size(1), device=device)[None] < batch.lengths[:, None])
+            whole = torch.rand(b, generator=generator, device=generator.device) < 0.5
+            p = torch.where(whole.to(device), torch.ones_like(p), p)
+        gamma = self.schedule.sample(self._uniforms(b, generator)).float().to(device)
+        corrupted = sample_corrupted(valid, p, generator)
+        e = model.embed(batch.tokens)
+        m = model.mask_embedding(self.mask_id)
+        if c.kind == "mdm":
+            gamma = torch.full_like(gamma, c.gamma_max)
+            z = torch.where(corrupted.unsqueeze(-1), m.to(e.dtype), e)
+        else:
+            z = bridge_forward(e, m, bridge_time(gamma, c.sigma), corrupted, c.sigma, generator)
+        return Corruption(z=z, e=e, gamma=gamma, t=bridge_time(gamma, c.sigma), p=p, corrupted=corrupted,
+                          valid=valid)
+
+    # -------------------------------------------------------------------------------------- loss
+    def loss(self, model: MLFMModel, logits: torch.Tensor, batch: MicroBatch, c: Corruption
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss, per-sequence diagnostics [b]: ce, accuracy, confidence, entropy, gamma, mask_ratio)."""
+        want_x0 = self.cfg.mse_weight > 0 and self.cfg.kind == "mlfm"
+        out = model.vocab_outputs(logits, batch.tokens, posterior_mean=want_x0)
+        if batch.response is not None:
+            loss = sft_ce_loss(out.ce, c.corrupted, c.p, c.valid)
+        else:
+            loss = masked_ce_loss(out.ce, c.corrupted, c.p, c.valid, self.cfg.reduction)
+        if want_x0:
+            loss = loss + self.cfg.mse_weight * embedding_mse(out.x0_hat, c.e.detach(), c.corrupted)
+        count = c.corrupted.sum(dim=1).clamp_min(1)
+        per_row = lambda x: (torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count)  # noqa: E731
+        diagnostics = {"ce": per_row(out.ce), "accuracy": per_row(out.correct), "confidence": per_row(out.max_prob),
+                       "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach()}
+        return loss, diagnostics
+
+    def __call__(self, model: MLFMModel, batch: MicroBatch, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Corrupt, forward and reduce one micro-batch (pretraining crops it with ``crop_probability``)."""
+        if batch.response is None and self.cfg.crop_probability > 0:
+            draw = torch.rand(2, generator=generator, device=generator.device)
+            if draw[0] < self.cfg.crop_probability:
+                batch = batch.prefix(1 + int(draw[1] * batch.tokens.size(1)))
+        c = self.corrupt(model, batch, generator)
+        logits = model(c.z, c.gamma, batch.segment_ids)
+        return self.loss(model, logits, batch, c)

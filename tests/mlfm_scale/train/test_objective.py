@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from mlfm_scale.config import ModelSection, ObjectiveSection
+from mlfm_scale.model.mlfm import MLFMModel
+from mlfm_scale.train.objective import MicroBatch, MLFMObjective
+
+CFG = ModelSection(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, time_embed_dim=16,
+                   time_hidden_size=32)
+VOCAB, EOS, PAD, MASK = 40, 0, 1, 2
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return MLFMModel(CFG, VOCAB)
+
+
+def batch(b=4, s=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, VOCAB, (b, s), generator=g)
+    tokens[:, 5] = EOS
+    lengths = torch.tensor([s] * (b - 1) + [s - 4])
+    tokens[-1, s - 4:] = PAD
+    return MicroBatch(tokens=tokens, lengths=lengths)
+
+
+def objective(**kw):
+    return MLFMObjective(ObjectiveSection(crop_probability=0.0, **kw), mask_id=MASK, special_ids=(EOS, PAD))
+
+
+def test_valid_positions_skip_special_tokens_and_padding():
+    mb = batch()
+    valid = objective().valid_positions(mb)
+    assert not valid[:, 5].any() and not valid[-1, 12:].any() and valid[0].sum() == 15
+
+
+def test_corruption_keeps_observed_positions_clean_and_is_deterministic(process_group):
+    net, mb, obj = model(), batch(), objective()
+    c = obj.corrupt(net, mb, torch.Generator().manual_seed(1))
+    e = net.embed(mb.tokens)
+    assert torch.equal(c.z[~c.corrupted], e[~c.corrupted])
+    assert not (c.corrupted & ~c.valid).any() and c.corrupted.any(dim=1).all()
+    assert not torch.allclose(c.z[c.corrupted], e[c.corrupted])
+    torch.testing.assert_close(c.t, torch.sigmoid(2 * torch.log(torch.tensor(0.2)) - c.gamma))
+    again = obj.corrupt(net, mb, torch.Generator().manual_seed(1))
+    assert torch.equal(again.z, c.z) and torch.equal(again.gamma, c.gamma)
+    assert ((c.gamma >= -10) & (c.gamma <= 6)).all() and ((c.p >= 0.05) & (c.p <= 1)).all()
+
+
+def test_mdm_kind_puts_the_mask_embedding_on_corrupted_positions(process_group):
+    net, mb = model(), batch()
+    c = objective(kind="mdm").corrupt(net, mb, torch.Generator().manual_seed(1))
+    m = net.mask_embedding(MASK)
+    assert torch.equal(c.z[c.corrupted], m.expand(int(c.corrupted.sum()), -1))
+    assert (c.gamma == 6.0).all()
+
+
+def test_sft_corrupts_only_the_response(process_group):
+    net, mb = model(), batch(b=8)
+    response = torch.zeros_like(mb.tokens, dtype=torch.bool)
+    response[:, 8:] = True
+    sft = MicroBatch(mb.tokens, mb.lengths, response=response)
+    c = objective().corrupt(net, sft, torch.Generator().manual_seed(2))
+    assert not c.corrupted[:, :8].any() and c.corrupted.any(dim=1).all()
+    assert (c.p == 1.0).sum() >= 2  # about half the rows corrupt the whole response
+    loss, diag = objective().loss(net, net(c.z, c.gamma), sft, c)
+    assert loss.ndim == 0 and torch.isfinite(loss) and set(diag) >= {"ce", "gamma", "mask_ratio"}
+
+
+def test_active_curve_learns_from_diagnostics_and_round_trips():
+    obj = objective(gamma_schedule="active_mixture")
+    gamma = torch.linspace(-10, 6, 512)
+    ce = 4.0 * torch.sigmoid((gamma + 2.0) / 1.5)
+    for _ in range(30):
+        obj.observe(gamma, ce)
+    before = obj.schedule.icdf(torch.tensor([0.5]))
+    assert obj.update_curve()
+    assert not torch.equal(obj.schedule.icdf(torch.tensor([0.5])), before)
+    restored = objective(gamma_schedule="active_mixture")
+    restored.load_state_dict(obj.state_dict())
+    torch.testing.assert_close(restored.schedule.icdf(torch.linspace(0, 1, 11)), obj.schedule.icdf(torch.linspace(0, 1, 11)))
+
+
+@pytest.mark.parametrize("kind", ["mlfm", "mdm"])
+def test_tiny_model_overfits_a_fixed_batch(process_group, kind):
+    torch.manual_seed(0)
+    net, mb = model(), batch(b=4, s=16, seed=5)
+    obj = objective(kind=kind, gamma_schedule="uniform")
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(100):
+        loss, _ = obj(net, mb, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
