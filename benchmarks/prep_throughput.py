@@ -3,9 +3,10 @@
     python benchmarks/prep_throughput.py [--mb 50] [--big-mb 200] [--out benchmarks/results/prep.json]
 
 Tokens/s are over the processing (after the interpreter has imported torch and streaming, ~4 s here, paid
-once per run whatever the corpus); end-to-end figures are printed beside them. Runs, on a generated corpus of ``--mb`` MB with one tokenizer trained beforehand:
+once per run whatever the corpus); end-to-end figures are printed beside them.
+Runs, on a generated corpus of ``--mb`` MB with one tokenizer trained beforehand:
   naive     one process, one ``encode`` call per document, the same packing and MDSWriter
-  workers=1 ``prepare_shards`` (batch encoding in a worker process)
+  workers=1 ``prepare_shards`` (JSONL parsed and pieces encoded in one worker process)
   workers=2 the same with two workers
 and ``workers=1`` again on a ``--big-mb`` corpus to compare peak memory (RSS summed over the process tree,
 sampled every 50 ms). Each run is a fresh subprocess timed end to end, start-up included.

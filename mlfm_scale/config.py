@@ -45,7 +45,8 @@ class PrepSection(Section):
         "file", description="how a plain-text file splits into documents")
     tokenizer: str | None = Field(None, description="directory holding a Hugging Face tokenizer.json "
                                   "(default: train a byte-level BPE on the corpus)")
-    vocab_size: int = Field(1024, ge=64, description="vocabulary of a trained BPE, special tokens included")
+    vocab_size: int = Field(1024, ge=259, description="vocabulary of a trained byte-level BPE: its 256 bytes, "
+                            "3 special tokens (EOS, pad, mask) and the learned merges")
     eos_token: str | None = Field(None, description="EOS token of a given tokenizer (default: common names)")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="share of documents (by hash) for val")
     workers: int = Field(1, ge=1, description="worker processes")

@@ -1,7 +1,7 @@
 """AdaLN time conditioning (MLFM.md, Model): the γ embedding and a megatron ``TransformerLayer`` subclass.
 
-Per layer a zero-initialised Linear (after a SiLU, as in DiT) maps the conditioning c [b, hidden_c] to (shift1, scale1, gate1, shift2,
-scale2, gate2), each [b, d]:
+Per layer a zero-initialised Linear (after a SiLU, as in DiT) maps the conditioning c [b, hidden_c] to
+(shift1, scale1, gate1, shift2, scale2, gate2), each [b, d]:
     h   = x + (1 + gate1) · Attn(norm1(x) · (1 + scale1) + shift1)
     out = h + (1 + gate2) · MLP(norm2(h) · (1 + scale2) + shift2)
 so at initialisation the layer is exactly a pre-norm transformer layer (a converted MDM starts as the MDM).
@@ -33,7 +33,8 @@ class GammaEmbedding(nn.Module):
     def __init__(self, width: int, hidden: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.width = width
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, dtype=dtype), nn.SiLU(), nn.Linear(hidden, hidden, dtype=dtype))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, dtype=dtype), nn.SiLU(),
+                                 nn.Linear(hidden, hidden, dtype=dtype))
 
     def forward(self, gamma: torch.Tensor) -> torch.Tensor:
         return self.mlp(sinusoidal_embedding(gamma, self.width).to(self.mlp[0].weight.dtype))

@@ -6,7 +6,7 @@
          ──ColumnParallelLinear (vocab-parallel, no gather)──▶ logits [b, s, V_pad/tp]
 
 The model consumes embeddings, so corruption happens between ``embed`` and ``forward``. The vocabulary is
-padded to a multiple of 64·tp; padded logits are pinned to the dtype's lowest value so they carry no mass.
+padded to a multiple of 128; padded logits are pinned to the dtype's lowest value so they carry no mass.
 """
 from __future__ import annotations
 
@@ -28,12 +28,16 @@ from mlfm_scale.model.adaln import AdaLNTransformerLayer, GammaEmbedding
 from mlfm_scale.model.attention import AttentionSegments, CoreAttention
 from mlfm_scale.model.vocab_parallel import VocabOutputs, vocab_parallel_outputs
 
-VOCAB_MULTIPLE = 64
+VOCAB_MULTIPLE = 128
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    multiple = VOCAB_MULTIPLE * tp
-    return -(-vocab_size // multiple) * multiple
+    """The vocabulary rounded up to a multiple of 128, whatever the TP size (so the weights, and checkpoints,
+    do not depend on the layout); TP must divide it."""
+    padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if padded % tp:
+        raise UserError(f"parallel.tp={tp} does not divide the padded vocabulary {padded}")
+    return padded
 
 
 def transformer_config(cfg: ModelSection, tp: int, dtype: torch.dtype = torch.float32) -> TransformerConfig:

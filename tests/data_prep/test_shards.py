@@ -147,7 +147,7 @@ def test_sft_shards_carry_the_response_mask(tmp_path):
     rows.append({"prompt": "long " * 200, "response": "too long to fit"})
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    manifest = prepare_shards([f], out, PrepSection(format="sft", vocab_size=200, val_fraction=0.0), SEQ,
+    manifest = prepare_shards([f], out, PrepSection(format="sft", vocab_size=260, val_fraction=0.0), SEQ,
                               progress=False)
     assert manifest["kind"] == "sft" and manifest["skipped"]["too_long"] == 1 and "val" not in manifest["splits"]
     tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))

@@ -11,7 +11,7 @@ from tests.distributed import run_distributed
 
 CFG = ModelSection(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, time_embed_dim=16,
                    time_hidden_size=24)
-VOCAB = 50  # padded to 64: the padded logits must carry no mass
+VOCAB = 50  # padded to 128: the padded logits must carry no mass
 
 
 def build(cfg=CFG, seed=0, tp=1, **kw):
@@ -78,7 +78,7 @@ def test_document_restricted_attention_isolates_documents(process_group):
     full_a, full_b = model(z, gamma), model(changed, gamma)
     assert not torch.allclose(full_a[0, :5], full_b[0, :5])  # whole-block attention does see the change
     # RoPE restarts per document: a document alone at the block start == the same document after another
-    shifted = torch.cat([z[:, 7:], z[:, :7]], dim=1)  # doc of 5 moved to positions 7..11
+    shifted = torch.cat([z[:, 5:], z[:, :5]], dim=1)  # the 5-token document moved to positions 7..11
     seg2 = torch.tensor([[0] * 7 + [1] * 5] * 2)
     torch.testing.assert_close(model(z, gamma, seg)[0, :5], model(shifted, gamma, seg2)[0, 7:], rtol=1e-5, atol=1e-5)
 
@@ -101,7 +101,7 @@ def test_vocab_outputs_match_full_softmax(process_group):
     model = build()
     z, gamma, targets = inputs()
     logits = model(z, gamma)
-    assert logits.shape[-1] == padded_vocab_size(VOCAB, 1) == 64
+    assert logits.shape[-1] == padded_vocab_size(VOCAB, 1) == padded_vocab_size(VOCAB, 2) == 128
     out = model.vocab_outputs(logits, targets)
     real = logits[..., :VOCAB].double()
     table = model.embedding_table()[:VOCAB].double()
@@ -111,7 +111,7 @@ def test_vocab_outputs_match_full_softmax(process_group):
     torch.testing.assert_close(out.max_prob.double(), probs.max(-1).values)
     torch.testing.assert_close(out.entropy.double(), -(probs * probs.log()).sum(-1), rtol=1e-5, atol=1e-6)
     assert torch.equal(out.correct.bool(), real.argmax(-1) == targets)
-    confident = torch.full((1, 1, 64), -30.0)
+    confident = torch.full((1, 1, 128), -30.0)
     confident[..., 7] = 30.0
     x0 = model.vocab_outputs(confident, torch.tensor([[7]])).x0_hat[0, 0]
     torch.testing.assert_close(x0, model.embedding_table()[7], rtol=0, atol=1e-6)

@@ -78,22 +78,34 @@ def test_active_curve_learns_from_diagnostics_and_round_trips():
     assert not torch.equal(obj.schedule.icdf(torch.tensor([0.5])), before)
     restored = objective(gamma_schedule="active_mixture")
     restored.load_state_dict(obj.state_dict())
-    torch.testing.assert_close(restored.schedule.icdf(torch.linspace(0, 1, 11)), obj.schedule.icdf(torch.linspace(0, 1, 11)))
+    grid = torch.linspace(0, 1, 11)
+    torch.testing.assert_close(restored.schedule.icdf(grid), obj.schedule.icdf(grid))
 
 
-@pytest.mark.parametrize("kind", ["mlfm", "mdm"])
-def test_tiny_model_overfits_a_fixed_batch(process_group, kind):
+@pytest.mark.parametrize("kind, steps, factor", [("mlfm", 300, 0.5), ("mdm", 300, 0.8)])
+def test_tiny_model_overfits_a_fixed_batch(process_group, kind, steps, factor):
+    """Four packed blocks of the synthetic corpus, the default objective, AdamW: the MLFM loss (mean of the
+    last 10 steps vs the first 10) halves within 300 CPU steps (a few seconds); the MDM baseline, which has no low-noise
+    samples to learn from first, falls more slowly."""
+    from data_prep.packing import pack_documents
+    from data_prep.synth import synth_documents
+    from data_prep.tokenizer import ensure_special_tokens, train_bpe
+
+    tok = train_bpe(synth_documents(300), 300)
+    sp = ensure_special_tokens(tok)
+    docs = [tok.encode(d, add_special_tokens=False).ids for d in synth_documents(8, seed=1)]
+    tokens = torch.tensor(pack_documents(docs, 32, sp.eos, sp.pad).tokens[:4], dtype=torch.long)
     torch.manual_seed(0)
-    net, mb = model(), batch(b=4, s=16, seed=5)
-    obj = objective(kind=kind, gamma_schedule="uniform")
+    net = MLFMModel(CFG.model_copy(update={"hidden_size": 64, "ffn_hidden_size": 176}), tok.get_vocab_size())
+    obj = MLFMObjective(ObjectiveSection(kind=kind, crop_probability=0.0), sp.mask, (sp.eos, sp.pad))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(100):
-        loss, _ = obj(net, mb, g)
+    for _ in range(steps):
+        loss, _ = obj(net, MicroBatch(tokens, torch.full((4,), 32)), g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.5 * first, (first, last)
+    assert last < factor * first, (first, last)
