@@ -127,14 +127,14 @@ class MLFMObjective:
             valid = batch.response & (torch.arange(batch.tokens.size(1), device=device)[None] < batch.lengths[:, None])
             whole = torch.rand(b, generator=generator, device=generator.device) < 0.5
             p = torch.where(whole.to(device), torch.ones_like(p), p)
-        gamma = self.schedule.sample(self._uniforms(b, generator)).float().to(device)
         corrupted = sample_corrupted(valid, p, generator)
         e = model.embed(batch.tokens)
         m = model.mask_embedding(self.mask_id)
         if c.kind == "mdm":
-            gamma = torch.full_like(gamma, c.gamma_max)
+            gamma = torch.full((b,), c.gamma_max, device=device)
             z = torch.where(corrupted.unsqueeze(-1), m.to(e.dtype), e)
         else:
+            gamma = self.schedule.sample(self._uniforms(b, generator)).float().to(device)
             z = bridge_forward(e, m, bridge_time(gamma, c.sigma), corrupted, c.sigma, generator)
         return Corruption(z=z, e=e, gamma=gamma, t=bridge_time(gamma, c.sigma), p=p, corrupted=corrupted,
                           valid=valid)
