@@ -44,9 +44,10 @@ def one(preset: str, kind: str, recompute: bool, steps: int) -> dict:
 
     sys.path.insert(0, str(REPO))
     from mlfm_scale.config import load_config
+    from mlfm_scale.data.batch import MicroBatch
     from mlfm_scale.model.mlfm import MLFMModel
     from mlfm_scale.parallel.state import init_model_parallel
-    from mlfm_scale.train.objective import MicroBatch, MLFMObjective
+    from mlfm_scale.train.objective import MLFMObjective
 
     cfg = load_config(REPO / "configs" / f"{preset}.yaml", [f"model.recompute={recompute}", f"objective.kind={kind}",
                                                             "objective.crop_probability=0"])

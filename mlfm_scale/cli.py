@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 import types
 import typing
 from typing import Literal
@@ -18,6 +19,7 @@ from mlfm_scale.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "corpus → tokenised, packed streaming shards; the synthetic demo corpus"),
+    "train": ("mlfm_scale.train.loop", "pretrain an MLFM from streaming shards (DeepSpeed ZeRO × megatron TP)"),
     "demo": ("mlfm_scale.demo", "the main job on the embedded default (no downloads)"),
     "config": ("mlfm_scale.config_cli", "print a config resolved with its overrides, or say what is wrong"),
 }
@@ -50,8 +52,21 @@ def model_from_flags(args: argparse.Namespace, model: type[BaseModel], base: Bas
         raise ConfigError(explain(e)) from None
 
 
+# Known noise from the libraries under us, printed on every rank (many times per step for DeepSpeed's calls).
+QUIET = (
+    r".*(Transformer Engine|Apex) (and Apex are|is) not installed.*",
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
+    r"full scope is deprecated.*",
+    r"When using async grad allreduce.*",
+    r".*tp_group is None, using default tp group.*",
+    r"MLP requires ffn_hidden_size.*",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     top = argparse.ArgumentParser(
         prog="mlfm", description="Masked Language Flow Models at scale.",
         epilog="commands:\n" + "\n".join(f"  {n:<8} {h}" for n, (_, h) in COMMANDS.items())
@@ -67,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"mlfm {ns.command}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    try:  # options may stand between positionals (`mlfm train CONFIG --nproc 2 key=value`)
+        args = parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # commands with sub-actions (`mlfm prep synth ...`) parse the plain way
+        args = parser.parse_args(argv[1:])
     try:
         return module.run(args) or 0
     except UserError as e:

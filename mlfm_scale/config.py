@@ -59,9 +59,20 @@ class PrepSection(Section):
         "strict", description="invalid UTF-8: fail, or replace with U+FFFD (counted)")
 
 
+class SourceSection(Section):
+    """One prepared shard directory and its share of the training mixture."""
+
+    path: str
+    weight: float = Field(1.0, gt=0.0)
+
+
 class DataSection(Section):
-    root: str = "data"  # prepared shards (relative paths are under ``out_dir``)
+    root: str = "data"  # prepared shards (relative paths are under ``out_dir``); the default single source
+    sources: list[SourceSection] = []  # a mixture of prepared directories; empty → [root]
+    cache: str = "cache/data"  # streaming's local copy of the shards (under ``out_dir``)
     seq_len: int = Field(128, ge=8)
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank
+    shuffle: bool = True
     synth: SynthSection = SynthSection()
     prep: PrepSection = PrepSection()
 
@@ -174,19 +185,26 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, ge=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     dtype: Literal["fp32", "bf16"] = "fp32"
-    resume: str | None = None  # None, "auto" (latest in out_dir), or a checkpoint path
+    trainable: list[str] = []  # regexes of trainable parameter names (frozen base + adapters); empty → all
+    resume: str | None = None  # None, "auto" (latest in out_dir), or a checkpoint directory or tag path
+    max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite loss/gradient steps before stopping
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1)
 
 
 class CheckpointSection(Section):
+    dir: str = "checkpoints"  # under out_dir
     every: int = Field(100, ge=1)
-    keep_last: int = Field(2, ge=1)
-    keep_every: int | None = None
+    keep_last: int = Field(2, ge=1)  # the newest N are kept ...
+    keep_every: int | None = None  # ... and every checkpoint whose step is a multiple of this
 
 
 class LogSection(Section):
     every: int = Field(10, ge=1)
+    plot_every: int = Field(100, ge=1)
+    sample_ids: bool = False  # each rank appends the block ids it trained on to samples/rankNNNNN.jsonl
     wandb: bool = False
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_mode: Literal["offline", "online"] = "offline"  # online needs WANDB_API_KEY in the environment
     wandb_project: str = "mlfm-scale"
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mlfm_scale.config import ObjectiveSection
+from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.flow.bridge import bridge_forward, sample_corrupted
 from mlfm_scale.flow.objective import embedding_mse, masked_ce_loss, sft_ce_loss
 from mlfm_scale.flow.schedules import (
@@ -25,22 +26,6 @@ from mlfm_scale.flow.schedules import (
     stratified_uniform,
 )
 from mlfm_scale.model.mlfm import MLFMModel
-
-
-@dataclass
-class MicroBatch:
-    """tokens Long[b, s]; lengths Long[b] real positions per row; segment_ids Long[b, s] (attention segments,
-    None = whole block); response Bool[b, s] (SFT only)."""
-
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-    segment_ids: torch.Tensor | None = None
-    response: torch.Tensor | None = None
-
-    def prefix(self, length: int) -> MicroBatch:
-        cut = lambda x: None if x is None else x[:, :length]  # noqa: E731
-        return MicroBatch(self.tokens[:, :length], self.lengths.clamp(max=length), cut(self.segment_ids),
-                          cut(self.response))
 
 
 @dataclass
@@ -152,7 +137,7 @@ class MLFMObjective:
         if want_x0:
             loss = loss + self.cfg.mse_weight * embedding_mse(out.x0_hat, c.e.detach(), c.corrupted)
         count = c.corrupted.sum(dim=1).clamp_min(1)
-        per_row = lambda x: (torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count)  # noqa: E731
+        per_row = lambda x: (torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count)
         diagnostics = {"ce": per_row(out.ce), "accuracy": per_row(out.correct), "confidence": per_row(out.max_prob),
                        "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach()}
         return loss, diagnostics

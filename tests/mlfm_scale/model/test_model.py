@@ -124,8 +124,9 @@ def _tp_worker(tp: int) -> dict:
     from megatron.core import parallel_state as ps
 
     from mlfm_scale.config import ObjectiveSection
+    from mlfm_scale.data.batch import MicroBatch
     from mlfm_scale.parallel.state import model_parallel
-    from mlfm_scale.train.objective import MicroBatch, MLFMObjective
+    from mlfm_scale.train.objective import MLFMObjective
 
     with model_parallel(ParallelSection(tp=tp), seed=0):
         model = build(tp=tp)

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from mlfm_scale.config import ModelSection, ObjectiveSection
+from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.model.mlfm import MLFMModel
-from mlfm_scale.train.objective import MicroBatch, MLFMObjective
+from mlfm_scale.train.objective import MLFMObjective
 
 CFG = ModelSection(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=64, time_embed_dim=16,
                    time_hidden_size=32)

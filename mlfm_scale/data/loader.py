@@ -1,0 +1,118 @@
+"""Training batches from prepared shards: mosaicml-streaming over one or more sources, collated to
+:class:`~mlfm_scale.data.batch.MicroBatch`.
+
+Samples are split by data-parallel rank; tensor-parallel peers (consecutive ranks, megatron's order) read
+the same samples through ``replication = tp``. The shuffle is seeded by the run seed. The loader's state
+(epoch, samples consumed) is saved in checkpoints so a resumed run continues mid-epoch with no sample
+repeated or skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlfm_scale.config import Config
+from mlfm_scale.data.batch import MicroBatch
+from mlfm_scale.data.manifest import check_compatible, manifest_sha256, read_manifest
+from mlfm_scale.errors import UserError
+
+
+def source_dirs(cfg: Config) -> list[tuple[Path, float]]:
+    """(prepared directory, weight) of every training source."""
+    if cfg.data.sources:
+        return [(cfg.path(s.path), s.weight) for s in cfg.data.sources]
+    return [(cfg.path(cfg.data.root), 1.0)]
+
+
+def load_manifest(cfg: Config, kind: str = "pretrain") -> dict:
+    """The first source's manifest, after checking every source against the config and against each other."""
+    manifests = [read_manifest(d) for d, _ in source_dirs(cfg)]
+    for (d, _), m in zip(source_dirs(cfg), manifests):
+        check_compatible(m, seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size, kind=kind)
+        if m["tokenizer"]["sha256"] != manifests[0]["tokenizer"]["sha256"]:
+            raise UserError(f"source {d} was tokenised with another tokenizer than {source_dirs(cfg)[0][0]}: "
+                            "prepare every source with the same --tokenizer")
+    return manifests[0]
+
+
+def data_fingerprint(cfg: Config) -> str:
+    """One hash of every source's manifest and weight: what a checkpoint was trained on."""
+    parts = [f"{manifest_sha256(d)}:{w}" for d, w in source_dirs(cfg)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def segment_ids(tokens: torch.Tensor, lengths: torch.Tensor, doc_starts: list[np.ndarray] | None) -> torch.Tensor:
+    """Long[b, s] attention segments: one per document when ``doc_starts`` is given, else one per row; the
+    padded tail of a row (positions ≥ length) is always a segment of its own."""
+    b, s = tokens.shape
+    seg = torch.zeros(b, s, dtype=torch.long)
+    if doc_starts is not None:
+        for i, starts in enumerate(doc_starts):
+            marks = torch.zeros(s, dtype=torch.long)
+            marks[torch.as_tensor(starts[1:], dtype=torch.long)] = 1
+            seg[i] = torch.cumsum(marks, 0)
+    pad = torch.arange(s)[None] >= lengths[:, None]
+    return torch.where(pad, seg.max(dim=1, keepdim=True).values + 1, seg)
+
+
+def collate(samples: list[dict], within_documents: bool) -> dict:
+    """Streaming samples → the tensors of a MicroBatch (plus ``block_id`` [b] for bookkeeping)."""
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    lengths = torch.tensor([int(s["length"]) for s in samples], dtype=torch.long)
+    starts = [s["doc_starts"] for s in samples] if within_documents else None
+    out = {"tokens": tokens, "lengths": lengths, "segment_ids": segment_ids(tokens, lengths, starts),
+           "block_id": torch.tensor([int(s["block_id"]) for s in samples], dtype=torch.long)}
+    if "response_mask" in samples[0]:
+        out["response"] = torch.from_numpy(np.stack([s["response_mask"] for s in samples]).astype(bool))
+    return out
+
+
+def to_micro_batch(batch: dict, device: torch.device) -> MicroBatch:
+    response = batch.get("response")
+    return MicroBatch(tokens=batch["tokens"].to(device), lengths=batch["lengths"].to(device),
+                      segment_ids=batch["segment_ids"].to(device),
+                      response=None if response is None else response.to(device))
+
+
+class TrainData:
+    """An endless iterator of collated batches over epochs, with a saveable position."""
+
+    def __init__(self, cfg: Config, split: str = "train", shuffle: bool | None = None):
+        from streaming import Stream, StreamingDataset
+        from streaming.base.dataloader import StreamingDataLoader
+
+        streams = [Stream(remote=str(d), local=str(cfg.path(cfg.data.cache) / f"{i}-{d.name}"), split=split,
+                          proportion=w if len(source_dirs(cfg)) > 1 else None)
+                   for i, (d, w) in enumerate(source_dirs(cfg))]
+        self.dataset = StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size,
+                                        shuffle=cfg.data.shuffle if shuffle is None else shuffle,
+                                        shuffle_seed=cfg.seed, replication=cfg.parallel.tp if cfg.parallel.tp > 1
+                                        else None, num_canonical_nodes=1)
+        within = cfg.model.attend_within_documents
+        self.loader = StreamingDataLoader(self.dataset, batch_size=cfg.train.micro_batch_size,
+                                          num_workers=cfg.data.num_workers, drop_last=True,
+                                          collate_fn=lambda samples: collate(samples, within))
+        self._iter: Iterator | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None  # next epoch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._iter = None

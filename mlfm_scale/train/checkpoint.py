@@ -1,0 +1,151 @@
+"""Sharded checkpoints: DeepSpeed's files plus ours, verified by a manifest, published by ``latest``.
+
+    CKPT_DIR/step00000100/   DeepSpeed model/optimizer shards, client state, ema_rankNNNNN.pt
+    CKPT_DIR/step00000100/checkpoint.json   every file with its size and sha256 (written last)
+    CKPT_DIR/latest          the newest complete tag, replaced atomically after every rank finished
+
+A checkpoint without ``checkpoint.json``, or whose files differ from it, is refused on load with a message
+naming the file; ``latest`` never points at such a checkpoint. Retention keeps the newest ``keep_last`` and
+every ``keep_every``-th step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mlfm_scale.errors import UserError
+
+MANIFEST = "checkpoint.json"
+LATEST = "latest"
+TAG = re.compile(r"^step(\d{8})$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be loaded as it is (missing, truncated, tampered with, or incompatible)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    m = TAG.match(tag)
+    if not m:
+        raise CheckpointError(f"{tag!r} is not a checkpoint tag (stepNNNNNNNN)")
+    return int(m[1])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(tag_dir: Path, info: dict) -> None:
+    files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = tag_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({**info, "files": files}, indent=1))
+    os.replace(tmp, tag_dir / MANIFEST)
+
+
+def verify(tag_dir: Path) -> dict:
+    """The checkpoint's manifest after checking every file's size and sha256; raises CheckpointError."""
+    manifest_path = tag_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{tag_dir} has no {MANIFEST}: the save did not finish (or this is not a "
+                              "checkpoint); resume from another tag")
+    manifest = json.loads(manifest_path.read_text())
+    for name, want in manifest["files"].items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{tag_dir}: {name} is missing; the checkpoint is incomplete")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{tag_dir}: {name} has {size} bytes, the manifest says {want['bytes']} "
+                                  "(truncated?); resume from another tag")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{tag_dir}: {name} does not match its sha256 in {MANIFEST} (corrupted or "
+                                  "modified); resume from another tag")
+    return manifest
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    path = ckpt_dir / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """(checkpoint directory, tag) for ``train.resume``: "auto" → ``latest`` if any (else None); a tag
+    directory path; or a checkpoint directory holding ``latest``."""
+    if resume == "auto":
+        tag = latest_tag(ckpt_dir)
+        return None if tag is None else (ckpt_dir, tag)
+    path = Path(resume)
+    if TAG.match(path.name) and path.is_dir():
+        return path.parent, path.name
+    tag = latest_tag(path)
+    if tag is None:
+        raise CheckpointError(f"train.resume={resume!r}: no checkpoint there (neither a stepNNNNNNNN directory "
+                              f"nor a directory with a {LATEST!r} file)")
+    return path, tag
+
+
+def publish(ckpt_dir: Path, tag: str, info: dict, keep_last: int, keep_every: int | None) -> None:
+    """On rank 0, after every rank saved: write the manifest, point ``latest`` at ``tag``, apply retention."""
+    write_manifest(ckpt_dir / tag, info)
+    tmp = ckpt_dir / (LATEST + ".tmp")
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / LATEST)
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
+    keep = set(tags[-keep_last:]) | {tag}
+    if keep_every:
+        keep |= {t for t in tags if step_of(t) % keep_every == 0}
+    for old in set(tags) - keep:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, info: dict,
+         keep_last: int, keep_every: int | None) -> str:
+    """Collective: DeepSpeed's save, each rank's own state (``rank_state``: EMA partitions), then publish."""
+    import torch
+
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rank_state, ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        publish(ckpt_dir, tag, info, keep_last, keep_every)
+    dist.barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict, dict]:
+    """Collective: (client state, this rank's own state, checkpoint info) after verifying the files on rank 0."""
+    import torch
+
+    problem = [None]
+    if dist.get_rank() == 0:
+        try:
+            verify(ckpt_dir / tag)
+        except CheckpointError as e:
+            problem = [str(e)]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise CheckpointError(problem[0])
+    info = json.loads((ckpt_dir / tag / MANIFEST).read_text())
+    if info.get("world_size") != dist.get_world_size():
+        raise CheckpointError(f"{ckpt_dir / tag} was written by {info.get('world_size')} processes, this run has "
+                              f"{dist.get_world_size()}: resuming on another world size is not supported yet")
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    rank_state = torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=True)
+    return client_state, rank_state, info

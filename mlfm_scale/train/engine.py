@@ -1,0 +1,79 @@
+"""DeepSpeed over the megatron-core model: its config, the AdamW parameter groups, the LR schedule.
+
+Layout: TP from megatron-core ``parallel_state`` (passed as ``mpu``) × ZeRO over the data-parallel group.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from mlfm_scale.config import Config
+from mlfm_scale.errors import UserError
+
+NO_DECAY = re.compile(r"(norm|modulation)")  # norms and AdaLN scale/shift/gate; biases by their shape
+
+
+def apply_trainable(model: nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter whose name matches none of ``patterns`` (all train when empty)."""
+    if not patterns:
+        return
+    regexes = [re.compile(p) for p in patterns]
+    matched = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(r.search(name) for r in regexes))
+        matched += p.requires_grad
+    if not matched:
+        raise UserError(f"train.trainable {patterns} matches no parameter name")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, norms and AdaLN modulation."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or NO_DECAY.search(name) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step ``step``: linear warmup, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        # every parameter partitioned (none kept whole below a size threshold): the EMA lives on the partitions
+        zero.update(contiguous_gradients=True, overlap_comm=False, stage3_param_persistence_threshold=0,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: Config, model: nn.Module, mpu, device: torch.device):
+    """(engine, optimizer, scheduler) for ``model`` under ``cfg``; AdamW is fused on CUDA."""
+    import deepspeed
+
+    apply_trainable(model, cfg.train.trainable)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    t = cfg.train
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                           config=deepspeed_config(cfg), mpu=mpu)
+    return engine, optimizer, scheduler

@@ -1,0 +1,304 @@
+"""``mlfm train CONFIG [key=value ...]``: pretrain an MLFM from streaming shards on 1..N processes.
+
+The training story, top to bottom: processes and groups → shards' manifest checked against the config →
+the model on megatron-core (same full weights on every rank, sliced by TP) → the objective → DeepSpeed
+(ZeRO over DP, megatron TP as mpu) → EMA → data → resume → steps (evaluate, log, checkpoint) → summary.
+
+Run it under torchrun / the deepspeed launcher / SLURM, or let ``--nproc N`` start torchrun on this machine.
+Every random draw of a step comes from a generator seeded by (seed, step, micro-batch, data-parallel rank),
+so a resumed run repeats the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mlfm_scale.config import Config, load_config
+from mlfm_scale.errors import UserError
+
+
+class TrainingError(UserError):
+    """Training cannot go on (repeated non-finite steps, incompatible resume)."""
+
+
+def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
+    """A 63-bit seed for one micro-batch's draws; equal on tensor-parallel peers."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{dp_rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ObjectiveStep(nn.Module):
+    """The model plus the objective as one module, so DeepSpeed's engine runs (and ZeRO-3 gathers for) the
+    whole step: ``forward(tokens, lengths, segment_ids, seed) → (loss, per-sequence diagnostics)``."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, tokens, lengths, segment_ids, seed: int):
+        from mlfm_scale.data.batch import MicroBatch
+
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+        return self.objective(self.model, MicroBatch(tokens, lengths, segment_ids), generator)
+
+
+class BadStepGuard:
+    """Counts non-finite steps (DeepSpeed skips their update); raises after ``limit`` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def check(self, step: int, loss: float, grad_norm: float, last_checkpoint: str | None) -> bool:
+        """True when the step was good."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise TrainingError(f"{self.in_a_row} non-finite steps in a row (loss {loss}, grad norm {grad_norm}) "
+                                f"at step {step}; last good checkpoint: {last_checkpoint or 'none saved yet'}. "
+                                "Lower train.lr or check the data, then resume from it.")
+        return False
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    """Best FLOP/s of an n³ matmul here: the MFU denominator, measured rather than assumed."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _dp_mean(values: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    values = values.clone()
+    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    return values / ps.get_data_parallel_world_size()
+
+
+def _dp_gather(t: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    parts = [torch.empty_like(t) for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_data_parallel_group())
+    return torch.cat(parts)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training under ``cfg``; returns a summary (rank 0's view)."""
+    from megatron.core import parallel_state as ps
+
+    from mlfm_scale.data.loader import TrainData, data_fingerprint, load_manifest, to_micro_batch
+    from mlfm_scale.model.attention import resolve_backend
+    from mlfm_scale.model.flops import flops_per_token
+    from mlfm_scale.model.mlfm import MLFMModel
+    from mlfm_scale.parallel.mpu import MegatronMPU
+    from mlfm_scale.parallel.state import init_distributed, init_model_parallel
+    from mlfm_scale.train import checkpoint
+    from mlfm_scale.train.ema import EMA
+    from mlfm_scale.train.engine import build_engine
+    from mlfm_scale.train.metrics import MetricsLogger
+    from mlfm_scale.train.objective import MLFMObjective
+
+    if cfg.parallel.pp > 1:
+        raise UserError("parallel.pp > 1: pipeline training is not available yet; use parallel.pp=1 (TP × ZeRO)")
+    if cfg.objective.mse_weight > 0 and cfg.parallel.zero_stage == 3:
+        raise UserError("objective.mse_weight > 0 needs the whole embedding table for x̂0, which ZeRO-3 partitions;"
+                        " use parallel.zero_stage=1 (or 2) for runs with the x̂0 MSE term")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    rank, world = init_distributed(device)
+    init_model_parallel(cfg.parallel, cfg.seed)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    out_dir, ckpt_dir = Path(cfg.out_dir), cfg.path(cfg.checkpoint.dir)
+
+    manifest = load_manifest(cfg)
+    data_hash = data_fingerprint(cfg)
+    tok = manifest["tokenizer"]
+    vocab = cfg.model.vocab_size or tok["vocab_size"]
+    dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
+    torch.manual_seed(cfg.seed)  # the same full initial weights on every rank; TP slices them
+    model = MLFMModel(cfg.model, vocab, cfg.parallel.tp, dtype, resolve_backend(cfg.model.attention, device, dtype))
+    objective = MLFMObjective(cfg.objective, tok["mask_id"], (tok["eos_id"], tok["pad_id"]))
+    engine, _, _ = build_engine(cfg, ObjectiveStep(model, objective).to(device), MegatronMPU(), device)
+    # ZeRO-3 keeps gathered weights for reuse; the EMA swap must partition them first (a pinned private API)
+    ema = EMA(engine.module, cfg.train.ema_decay, getattr(engine.optimizer, "_partition_all_parameters", None))
+    data = TrainData(cfg)
+    val = list(_first_batches(cfg, cfg.train.eval_batches)) if "val" in manifest["splits"] else []
+    logger = MetricsLogger(cfg, out_dir, enabled=rank == 0)
+
+    state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
+    last_checkpoint = None
+    if cfg.train.resume is not None and (found := checkpoint.resolve(cfg.train.resume, ckpt_dir)) is not None:
+        client, own, info = checkpoint.load(engine, *found)
+        if client["manifest_sha256"] != data_hash:
+            raise TrainingError(f"{found[0] / found[1]} was trained on other shards (manifest hash differs); "
+                                "point data.root at the original shards or start a new out_dir")
+        state = client["state"]
+        data.load_state_dict(client["loader"])
+        objective.load_state_dict(client["objective"])
+        _set_rng_state(client["rng"])
+        ema.load_state_dict(own["ema"])
+        last_checkpoint = str(found[0] / found[1])
+        logger.console(state["step"], cfg.train.steps, {"resumed_from": state["step"]}, state["step"])
+
+    sample_log = None
+    if cfg.log.sample_ids:
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        sample_log = (out_dir / "samples" / f"rank{rank:05d}.jsonl").open("a", buffering=1)
+    peak = measure_peak_flops(device, dtype)
+    flops_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, posterior_mean=cfg.objective.mse_weight > 0)
+    guard = BadStepGuard(cfg.train.max_bad_steps)
+    start_step, started = state["step"], time.perf_counter()
+    losses = {}
+    while state["step"] < cfg.train.steps:
+        step_start = time.perf_counter()
+        engine.train()
+        loss_sum, diagnostics, tokens = 0.0, [], 0
+        for micro in range(cfg.train.grad_accum):
+            raw = next(data)
+            if sample_log is not None:
+                sample_log.write(json.dumps({"step": state["step"] + 1, "micro": micro,
+                                             "block_ids": raw["block_id"].tolist()}) + "\n")
+            batch = to_micro_batch(raw, device)
+            loss, diag = engine(batch.tokens, batch.lengths, batch.segment_ids,
+                                step_seed(cfg.seed, state["step"], micro, dp_rank))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach()) / cfg.train.grad_accum
+            diagnostics.append(diag)
+            tokens += int(batch.lengths.sum())
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        loss_mean = float(_dp_mean(torch.tensor([loss_sum], dtype=torch.float64)))
+        good = guard.check(state["step"] + 1, loss_mean, grad_norm, last_checkpoint)
+        if good:
+            ema.update()
+        gamma = _dp_gather(torch.cat([d["gamma"] for d in diagnostics]).float().cpu())
+        ce = _dp_gather(torch.cat([d["ce"] for d in diagnostics]).float().cpu())
+        objective.observe(gamma, ce)
+        state["step"] += 1
+        state["samples"] += cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+        state["tokens"] += int(_dp_mean(torch.tensor([tokens], dtype=torch.float64)) * dp)
+        state["skipped"] = guard.total
+        if state["step"] % cfg.objective.active.update_every == 0:
+            objective.update_curve()
+        seconds = time.perf_counter() - step_start
+        losses[state["step"]] = loss_mean
+        if state["step"] % cfg.log.every == 0 or state["step"] == cfg.train.steps:
+            tokens_per_s = tokens * dp / seconds
+            values = {"loss": loss_mean, "grad_norm": grad_norm, "lr": engine.get_lr()[0],
+                      "tokens_per_s": tokens_per_s, "mfu": flops_token * tokens_per_s / (peak * world),
+                      "skipped": guard.total}
+            logger.log(state["step"], values)
+            logger.console(state["step"], cfg.train.steps, values, start_step)
+        if val and (state["step"] % cfg.train.eval_every == 0 or state["step"] == cfg.train.steps):
+            values = {"val_loss": _evaluate(engine, val, cfg, device, dp_rank)}
+            with ema.swapped():
+                values["val_loss_ema"] = _evaluate(engine, val, cfg, device, dp_rank)
+            logger.log(state["step"], values)
+            logger.console(state["step"], cfg.train.steps, values, start_step)
+        if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps:
+            client = {"state": state, "loader": data.state_dict(), "objective": objective.state_dict(),
+                      "rng": _rng_state(), "manifest_sha256": data_hash, "config": cfg.model_dump(mode="json")}
+            info = {"step": state["step"], "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+                    "dp": dp, "zero_stage": cfg.parallel.zero_stage, "manifest_sha256": data_hash}
+            tag = checkpoint.save(engine, ckpt_dir, state["step"], client, {"ema": ema.state_dict()}, info,
+                                  cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+            last_checkpoint = str(ckpt_dir / tag)
+        if state["step"] % cfg.log.plot_every == 0 or state["step"] == cfg.train.steps:
+            curve = objective.curve
+            logger.plot(None if curve is None else tuple(t.numpy() for t in curve.ce_curve()),
+                        _density(objective.schedule, cfg))
+    logger.close()
+    if sample_log is not None:
+        sample_log.close()
+    return {"state": state, "losses": losses, "last_checkpoint": last_checkpoint,
+            "seconds": time.perf_counter() - started}
+
+
+def _density(schedule, cfg: Config) -> tuple:
+    grid = torch.linspace(cfg.objective.gamma_min, cfg.objective.gamma_max, 200, dtype=torch.float64)
+    return grid.numpy(), schedule.pdf(grid).numpy()
+
+
+def _first_batches(cfg: Config, count: int):
+    """The first ``count`` validation batches of this rank, in order (a fixed evaluation set)."""
+    from mlfm_scale.data.loader import TrainData
+
+    val = TrainData(cfg, split="val", shuffle=False)
+    for _ in range(count):
+        yield next(val)
+
+
+@torch.no_grad()
+def _evaluate(engine, batches: list[dict], cfg: Config, device: torch.device, dp_rank: int) -> float:
+    """Mean objective over the fixed validation batches with fixed corruption draws (DP-averaged)."""
+    from mlfm_scale.data.loader import to_micro_batch
+
+    engine.eval()
+    total = 0.0
+    for i, raw in enumerate(batches):
+        batch = to_micro_batch(raw, device)
+        loss, _ = engine(batch.tokens, batch.lengths, batch.segment_ids, step_seed(cfg.seed, -1, i, dp_rank))
+        total += float(loss)
+    engine.train()
+    return float(_dp_mean(torch.tensor([total / len(batches)], dtype=torch.float64)))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="start this many processes on this machine with torchrun (not under a launcher)")
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mlfm_scale.cli", *argv]
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc and "RANK" not in os.environ:
+        return subprocess.call(torchrun_command(args.nproc, ["train", args.config, *args.overrides]))
+    summary = train(cfg)
+    if dist.get_rank() == 0:
+        s = summary["state"]
+        print(f"trained to step {s['step']} ({s['tokens']} tokens, {s['skipped']} skipped steps) in "
+              f"{summary['seconds']:.1f} s; last checkpoint: {summary['last_checkpoint']}")
+    dist.destroy_process_group()
+    return 0
