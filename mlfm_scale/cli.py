@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
 import types
 import typing
+import warnings
 from typing import Literal
 
 from pydantic import BaseModel, ValidationError

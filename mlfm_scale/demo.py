@@ -1,22 +1,36 @@
 """``mlfm demo``: the main job on the embedded default — no downloads, data and tokenizer made here.
 
-Now: synthesise the demo corpus, train its tokenizer, write streaming shards, print the manifest.
+Synthesise the demo corpus → train its tokenizer and write streaming shards → pretrain the tiny MLFM with
+2-process ZeRO-3 on CPU (``--nproc``) → checkpoint → resume from the checkpoint for more steps → print the
+validation loss curve and where everything was written.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 
 from mlfm_scale.config import load_config
+from mlfm_scale.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. out_dir=runs/x")
+    parser.add_argument("--nproc", type=int, default=2, help="training processes (default: %(default)s)")
+    parser.add_argument("--resume-steps", type=int, default=200,
+                        help="steps trained again after resuming from the first phase's checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=400")
+
+
+def _train(config: str, nproc: int, overrides: list[str]) -> None:
+    from mlfm_scale.train.loop import torchrun_command
+
+    if subprocess.call(torchrun_command(nproc, ["train", config, *overrides])):
+        raise UserError("training failed (see above)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +44,33 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] synthetic corpus: {cfg.data.synth.documents} documents, {size / 1e6:.2f} MB → {corpus}")
     data_dir = cfg.path(cfg.data.root)
     manifest = prepare_shards([corpus], data_dir, cfg.data.prep, cfg.data.seq_len, overwrite=True)
-    print(json.dumps(manifest, indent=2))
-    print(f"[demo] shards, tokenizer and manifest → {data_dir} ({time.perf_counter() - started:.1f} s)")
+    counts = manifest["splits"]["train"]
+    print(f"[demo] shards: {counts['blocks']} train blocks of {cfg.data.seq_len} tokens, vocab "
+          f"{manifest['tokenizer']['vocab_size']} → {data_dir}")
+
+    first = cfg.train.steps
+    ckpt_dir = cfg.path(cfg.checkpoint.dir)
+    if ckpt_dir.exists():
+        import shutil
+
+        shutil.rmtree(ckpt_dir)
+    metrics = Path(cfg.out_dir) / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    print(f"[demo] phase 1: {args.nproc}-process ZeRO-3 training for {first} steps")
+    _train(args.config, args.nproc, args.overrides)
+    print(f"[demo] phase 2: resume from {ckpt_dir / (ckpt_dir / 'latest').read_text()} for {args.resume_steps} steps")
+    _train(args.config, args.nproc, [*args.overrides, "train.resume=auto",
+                                     f"train.steps={first + args.resume_steps}"])
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    val = [(r["step"], r["val_loss"], r["val_loss_ema"]) for r in rows if "val_loss" in r]
+    print("[demo] validation loss (nats per corrupted token):")
+    for step, loss, ema in val:
+        print(f"         step {step:5d}  {loss:.3f}  (EMA weights {ema:.3f})")
+    if val[-1][1] >= val[0][1]:
+        raise UserError(f"validation loss did not fall ({val[0][1]:.3f} → {val[-1][1]:.3f})")
+    out = Path(cfg.out_dir)
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s. Written under {out}/: corpus/, {cfg.data.root}/ "
+          f"(shards, tokenizer, manifest), {cfg.checkpoint.dir}/ (sharded checkpoints, latest), metrics.jsonl, "
+          "loss.png, gamma.png")
     return 0

@@ -49,6 +49,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def size(tag_dir: Path) -> int:
+    """Bytes of every file of a checkpoint."""
+    return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+
+
 def write_manifest(tag_dir: Path, info: dict) -> None:
     files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}

@@ -163,6 +163,7 @@ def train(cfg: Config) -> dict:
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
     last_checkpoint = None
     if cfg.train.resume is not None and (found := checkpoint.resolve(cfg.train.resume, ckpt_dir)) is not None:
+        loading = time.perf_counter()
         client, own, info = checkpoint.load(engine, *found)
         if client["manifest_sha256"] != data_hash:
             raise TrainingError(f"{found[0] / found[1]} was trained on other shards (manifest hash differs); "
@@ -173,7 +174,10 @@ def train(cfg: Config) -> dict:
         _set_rng_state(client["rng"])
         ema.load_state_dict(own["ema"])
         last_checkpoint = str(found[0] / found[1])
-        logger.console(state["step"], cfg.train.steps, {"resumed_from": state["step"]}, state["step"])
+        resumed = {"resumed_from": state["step"], "resume_s": time.perf_counter() - loading,
+                   "checkpoint_bytes": checkpoint.size(found[0] / found[1])}
+        logger.log(state["step"], resumed)
+        logger.console(state["step"], cfg.train.steps, resumed, state["step"])
 
     sample_log = None
     if cfg.log.sample_ids:
@@ -221,7 +225,9 @@ def train(cfg: Config) -> dict:
             tokens_per_s = tokens * dp / seconds
             values = {"loss": loss_mean, "grad_norm": grad_norm, "lr": engine.get_lr()[0],
                       "tokens_per_s": tokens_per_s, "mfu": flops_token * tokens_per_s / (peak * world),
-                      "skipped": guard.total}
+                      "step_s": seconds, "skipped": guard.total}
+            if state["step"] == start_step + cfg.log.every or state["step"] == cfg.train.steps:
+                values.update(_resident_bytes(engine))
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
         if val and (state["step"] % cfg.train.eval_every == 0 or state["step"] == cfg.train.steps):
@@ -235,9 +241,12 @@ def train(cfg: Config) -> dict:
                       "rng": _rng_state(), "manifest_sha256": data_hash, "config": cfg.model_dump(mode="json")}
             info = {"step": state["step"], "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
                     "dp": dp, "zero_stage": cfg.parallel.zero_stage, "manifest_sha256": data_hash}
+            saving = time.perf_counter()
             tag = checkpoint.save(engine, ckpt_dir, state["step"], client, {"ema": ema.state_dict()}, info,
                                   cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
             last_checkpoint = str(ckpt_dir / tag)
+            logger.log(state["step"], {"checkpoint_s": time.perf_counter() - saving,
+                                       "checkpoint_bytes": checkpoint.size(ckpt_dir / tag)})
         if state["step"] % cfg.log.plot_every == 0 or state["step"] == cfg.train.steps:
             curve = objective.curve
             logger.plot(None if curve is None else tuple(t.numpy() for t in curve.ce_curve()),
@@ -247,6 +256,18 @@ def train(cfg: Config) -> dict:
         sample_log.close()
     return {"state": state, "losses": losses, "last_checkpoint": last_checkpoint,
             "seconds": time.perf_counter() - started}
+
+
+def _resident_bytes(engine) -> dict[str, int]:
+    """This rank's resident parameter bytes (its ZeRO-3 partition, or the whole local parameter) and optimizer
+    state bytes (moments; under ZeRO the fp32 master partition too)."""
+    params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+                 for p in engine.module.parameters())
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    states = sum(t.numel() * t.element_size() for st in inner.state.values() for t in st.values()
+                 if torch.is_tensor(t) and t.ndim > 0)
+    masters = sum(t.numel() * t.element_size() for t in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    return {"resident_param_bytes": params, "resident_optimizer_bytes": states + masters}
 
 
 def _density(schedule, cfg: Config) -> tuple:

@@ -1,0 +1,41 @@
+import pytest
+
+from mlfm_scale.train.checkpoint import CheckpointError, publish, resolve, tag_for, verify
+
+
+def make(ckpt, step):
+    tag = tag_for(step)
+    (ckpt / tag).mkdir(parents=True)
+    (ckpt / tag / "weights.pt").write_bytes(b"x" * 100)
+    publish(ckpt, tag, {"step": step}, keep_last=2, keep_every=10)
+    return tag
+
+
+def test_publish_verify_latest_and_retention(tmp_path):
+    for step in (5, 10, 15, 20, 25):
+        make(tmp_path, step)
+    assert (tmp_path / "latest").read_text() == "step00000025"
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert kept == ["step00000010", "step00000020", "step00000025"]  # newest two, plus every 10th
+    assert verify(tmp_path / "step00000025")["step"] == 25
+    assert resolve("auto", tmp_path) == (tmp_path, "step00000025")
+    assert resolve(str(tmp_path / "step00000010"), tmp_path) == (tmp_path, "step00000010")
+    assert resolve("auto", tmp_path / "none") is None
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "weights.pt").write_bytes(b"x" * 99), "has 99 bytes, the manifest says 100"),
+    (lambda d: (d / "weights.pt").write_bytes(b"y" * 100), "does not match its sha256"),
+    (lambda d: (d / "weights.pt").unlink(), "weights.pt is missing"),
+    (lambda d: (d / "checkpoint.json").unlink(), "has no checkpoint.json"),
+])
+def test_damaged_checkpoints_are_refused(tmp_path, damage, message):
+    tag = make(tmp_path, 3)
+    damage(tmp_path / tag)
+    with pytest.raises(CheckpointError, match=message):
+        verify(tmp_path / tag)
+
+
+def test_resume_path_without_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        resolve(str(tmp_path), tmp_path)

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from mlfm_scale.config import ModelSection, load_config
+from mlfm_scale.errors import UserError
+from mlfm_scale.model.mlfm import MLFMModel
+from mlfm_scale.train.engine import apply_trainable, deepspeed_config, lr_factor, param_groups
+from mlfm_scale.train.loop import BadStepGuard, TrainingError, step_seed
+
+CFG = ModelSection(num_layers=1, hidden_size=32, num_heads=4, ffn_hidden_size=64, time_embed_dim=16,
+                   time_hidden_size=32)
+
+
+def test_weight_decay_skips_norms_biases_and_adaln(process_group):
+    torch.manual_seed(0)
+    model = MLFMModel(CFG, 50)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} >= {"decoder.layers.0.modulation.weight",
+                                                          "decoder.layers.0.modulation.bias",
+                                                          "decoder.final_layernorm.weight"}
+    assert all("norm" not in names[id(p)] and "modulation" not in names[id(p)] for p in decay["params"])
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_trainable_subset_freezes_the_rest(process_group):
+    torch.manual_seed(0)
+    model = MLFMModel(CFG, 50)
+    apply_trainable(model, [r"modulation", r"gamma_embedding"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("modulation" in n or "gamma_embedding" in n for n in trained)
+    decay, no_decay = param_groups(model, 0.1)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trained)
+    with pytest.raises(UserError, match="matches no parameter"):
+        apply_trainable(model, ["nothing-like-this"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5) and lrs[110] == pytest.approx(0.1) and lrs[119] == 0.1
+
+
+def test_deepspeed_config_follows_the_layout():
+    ds = deepspeed_config(load_config(None, ["train.grad_accum=4", "train.dtype=bf16", "parallel.zero_stage=3"]))
+    assert ds["gradient_accumulation_steps"] == 4 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_bad_steps_are_counted_and_stop_the_run():
+    guard = BadStepGuard(limit=3)
+    assert guard.check(1, 1.0, 1.0, None)
+    assert not guard.check(2, math.nan, 1.0, None) and not guard.check(3, 1.0, math.inf, None)
+    assert guard.check(4, 1.0, 1.0, None) and guard.total == 2 and guard.in_a_row == 0
+    guard.check(5, math.nan, math.nan, "ck/step4")
+    guard.check(6, math.nan, math.nan, "ck/step4")
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row .* last good checkpoint: ck/step4"):
+        guard.check(7, math.inf, 1.0, "ck/step4")
+
+
+def test_step_seeds_differ_by_step_micro_and_data_rank_only():
+    seeds = {step_seed(0, s, m, r) for s in range(3) for m in range(2) for r in range(2)}
+    assert len(seeds) == 12 and step_seed(0, 1, 0, 1) == step_seed(0, 1, 0, 1) < 2**63
