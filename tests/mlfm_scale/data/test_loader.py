@@ -40,14 +40,16 @@ def test_mixture_of_sources_follows_the_weights(tmp_path):
         prepare_shards([tmp_path / f"{name}.jsonl"], tmp_path / name, opts.model_copy(update={"tokenizer": tokenizer}),
                        32, progress=False)
         tokenizer = str(tmp_path / "a" / "tokenizer")
+    sources = f"[{{path: {tmp_path / 'a'}, weight: 3}}, {{path: {tmp_path / 'b'}, weight: 1}}]"
     cfg = load_config(None, [f"out_dir={tmp_path}", "data.seq_len=32", "train.micro_batch_size=4",
-                             f"data.sources=[{{path: {tmp_path / 'a'}, weight: 3}}, {{path: {tmp_path / 'b'}, weight: 1}}]"])
+                             f"data.sources={sources}"])
     assert load_manifest(cfg)["seq_len"] == 32
     from streaming import StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
-    a_blocks = {tuple(s["tokens"].tolist()) for s in StreamingDataset(local=str(tmp_path / "a"), split="train", batch_size=1)}
+    source_a = StreamingDataset(local=str(tmp_path / "a"), split="train", batch_size=1)
+    a_blocks = {tuple(s["tokens"].tolist()) for s in source_a}
     clean_stale_shared_memory()
     data = TrainData(cfg)
     rows = [tuple(t.tolist()) for _ in range(40) for t in next(data)["tokens"]]
