@@ -69,7 +69,7 @@ class SourceSection(Section):
 class DataSection(Section):
     root: str = "data"  # prepared shards (relative paths are under ``out_dir``); the default single source
     sources: list[SourceSection] = []  # a mixture of prepared directories; empty → [root]
-    cache: str = "cache/data"  # streaming's local copy of the shards (under ``out_dir``)
+    cache: str | None = None  # streaming's node-local copy of the shards (default: under the system temp dir)
     seq_len: int = Field(128, ge=8)
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank
     shuffle: bool = True
@@ -90,6 +90,8 @@ class ModelSection(Section):
     time_hidden_size: int = Field(512, ge=1)  # width of the γ-embedding MLP
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    freeze_embeddings: bool = True  # MLFM.md: the input table E is frozen (σ is an absolute scale in its space)
+    embedding_std: float = Field(1.0, gt=0.0)  # init std of E per dimension: γ is the log NSR of unit-scale e
     attention: Literal["auto", "flash", "sdpa"] = "auto"
     attend_within_documents: bool = False  # restrict attention to each packed document
     recompute: bool = False  # activation recompute per layer
@@ -132,7 +134,7 @@ class ObjectiveSection(Section):
     mask_ratio_max: float = Field(1.0, ge=0.0, le=1.0)
     mask_ratio_power: float = Field(1.0, gt=0.0)
     low_discrepancy: bool = True
-    reduction: Literal["inverse_count", "inverse_p"] = "inverse_count"
+    reduction: Literal["inverse_count", "inverse_p", "none"] = "inverse_count"
     mse_weight: float = Field(0.0, ge=0.0)  # λ of ‖x̂0 − e‖² on corrupted positions (0 pretraining, 10 SFT)
     crop_probability: float = Field(0.01, ge=0.0, le=1.0)  # pretraining: crop a micro-batch to a random prefix
 

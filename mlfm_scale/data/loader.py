@@ -9,6 +9,7 @@ repeated or skipped.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,11 +29,12 @@ def source_dirs(cfg: Config) -> list[tuple[Path, float]]:
     return [(cfg.path(cfg.data.root), 1.0)]
 
 
-def load_manifest(cfg: Config, kind: str = "pretrain") -> dict:
-    """The first source's manifest, after checking every source against the config and against each other."""
+def load_manifest(cfg: Config) -> dict:
+    """The first source's manifest, after checking every source against the config and against each other
+    (one kind — pretraining or SFT —, one tokenizer)."""
     manifests = [read_manifest(d) for d, _ in source_dirs(cfg)]
     for (d, _), m in zip(source_dirs(cfg), manifests):
-        check_compatible(m, seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size, kind=kind)
+        check_compatible(m, seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size, kind=manifests[0]["kind"])
         if m["tokenizer"]["sha256"] != manifests[0]["tokenizer"]["sha256"]:
             raise UserError(f"source {d} was tokenised with another tokenizer than {source_dirs(cfg)[0][0]}: "
                             "prepare every source with the same --tokenizer")
@@ -43,6 +45,14 @@ def data_fingerprint(cfg: Config) -> str:
     """One hash of every source's manifest and weight: what a checkpoint was trained on."""
     parts = [f"{manifest_sha256(d)}:{w}" for d, w in source_dirs(cfg)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def cache_dir(cfg: Config, source: Path) -> Path:
+    """Where streaming keeps its local copy of ``source``: ``data.cache`` (default: node-local under the system
+    temporary directory, never a shared filesystem that nodes would write concurrently), keyed by the source's
+    manifest hash so re-prepared or same-named sources never reuse stale shards."""
+    root = Path(cfg.data.cache) if cfg.data.cache else Path(tempfile.gettempdir()) / "mlfm-data-cache"
+    return root / manifest_sha256(source)[:20]
 
 
 def segment_ids(tokens: torch.Tensor, lengths: torch.Tensor, doc_starts: list[np.ndarray] | None) -> torch.Tensor:
@@ -85,9 +95,9 @@ class TrainData:
         from streaming import Stream, StreamingDataset
         from streaming.base.dataloader import StreamingDataLoader
 
-        streams = [Stream(remote=str(d), local=str(cfg.path(cfg.data.cache) / f"{i}-{d.name}"), split=split,
+        streams = [Stream(remote=str(d), local=str(cache_dir(cfg, d)), split=split,
                           proportion=w if len(source_dirs(cfg)) > 1 else None)
-                   for i, (d, w) in enumerate(source_dirs(cfg))]
+                   for d, w in source_dirs(cfg)]
         self.dataset = StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size,
                                         shuffle=cfg.data.shuffle if shuffle is None else shuffle,
                                         shuffle_seed=cfg.seed, replication=cfg.parallel.tp if cfg.parallel.tp > 1
@@ -96,18 +106,23 @@ class TrainData:
         self.loader = StreamingDataLoader(self.dataset, batch_size=cfg.train.micro_batch_size,
                                           num_workers=cfg.data.num_workers, drop_last=True,
                                           collate_fn=lambda samples: collate(samples, within))
+        self.split = split
         self._iter: Iterator | None = None
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
+        fresh = False
         while True:
             if self._iter is None:
-                self._iter = iter(self.loader)
+                self._iter, fresh = iter(self.loader), True
             try:
                 return next(self._iter)
             except StopIteration:
+                if fresh:
+                    raise UserError(f"split {self.split!r} has fewer samples per data-parallel rank than "
+                                    "train.micro_batch_size: prepare more data or use smaller batches") from None
                 self._iter = None  # next epoch
 
     def state_dict(self) -> dict:

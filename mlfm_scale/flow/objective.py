@@ -41,43 +41,41 @@ def velocity_mse_weight(t: Tensor) -> Tensor:
     return 1.0 / (1.0 - t) ** 2
 
 
-def masked_ce_loss(ce: Tensor, corrupted: Tensor, p: Tensor, valid: Tensor, reduction: str = "inverse_count"
-                   ) -> Tensor:
-    """Cross-entropy on the corrupted set C = corrupted ∧ valid. ``ce``: Tensor[B, L]; masks Bool[B, L]; p: [B].
+def masked_loss(values: Tensor, corrupted: Tensor, p: Tensor, valid: Tensor, reduction: str = "inverse_count"
+                ) -> Tensor:
+    """Scalar reduction of per-position losses ``values`` [B, L] (CE in nats, or the x̂0 MSE) over the corrupted
+    set C = corrupted ∧ valid; masks Bool[B, L], p: Tensor[B].
 
-    - ``inverse_count`` (scalar): mean over rows with |C_b| ≥ 1 of ``Σ_{i∈C_b} CE_i / |C_b|``.
-    - ``inverse_p`` (scalar): mean over rows with ≥ 1 valid position of ``Σ_{i∈C_b} CE_i / (p_b · #valid_b)``.
-    - ``none``: Tensor[B, L], CE on C and 0 elsewhere.
-    A scalar reduction over a batch with no qualifying row is 0 (still connected to the graph).
+    - ``inverse_count``: mean over rows with |C_b| ≥ 1 of ``Σ_{i∈C_b} v_i / |C_b|``.
+    - ``inverse_p``: ``Σ_b Σ_{i∈C_b} v_i / p_b`` ÷ ``Σ_b #valid_b`` (the batch's valid positions).
+    - ``none``: the plain mean over all corrupted positions of the batch.
+    A batch with nothing to reduce gives 0 (still connected to the graph).
     """
     chosen = corrupted & valid
-    masked = torch.where(chosen, ce, 0.0)
-    if reduction == "none":
-        return masked
+    masked = torch.where(chosen, values, 0.0)
     if reduction == "inverse_count":
         per_row, rows = masked.sum(dim=1) / chosen.sum(dim=1).clamp_min(1), chosen.any(dim=1)
-    elif reduction == "inverse_p":
-        per_row = masked.sum(dim=1) / (p.to(masked.dtype) * valid.sum(dim=1).clamp_min(1))
-        rows = valid.any(dim=1)
-    else:
-        raise ValueError(f"unknown CE reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
-    return torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp_min(1)
+        return torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp_min(1)
+    if reduction == "inverse_p":
+        return (masked.sum(dim=1) / p.to(masked.dtype)).sum() / valid.sum().clamp_min(1)
+    if reduction == "none":
+        return masked.sum() / chosen.sum().clamp_min(1)
+    raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
 
 
-def sft_ce_loss(ce: Tensor, corrupted: Tensor, p: Tensor, response: Tensor) -> Tensor:
-    """LLaDA-style SFT loss, scalar: ``(1/B) Σ_b Σ_{i∈C_b} CE_i / (p_b·|response_b|)`` with C_b = corrupted ∧
-    response. ``ce``: Tensor[B, L]; ``corrupted``, ``response``: Bool[B, L]; ``p``: Tensor[B] > 0. Rows with an
-    empty response add 0 but still count in B."""
+def sft_loss(values: Tensor, corrupted: Tensor, p: Tensor, response: Tensor) -> Tensor:
+    """LLaDA-style SFT reduction of per-position losses ``values`` [B, L], scalar:
+    ``(1/B) Σ_b Σ_{i∈C_b} v_i / (p_b·|response_b|)`` with C_b = corrupted ∧ response. ``corrupted``, ``response``:
+    Bool[B, L]; ``p``: Tensor[B] > 0. Rows with an empty response add 0 but still count in B."""
     chosen = corrupted & response
-    per_row = torch.where(chosen, ce, 0.0).sum(dim=1) / (p.to(ce.dtype) * response.sum(dim=1).clamp_min(1))
+    per_row = torch.where(chosen, values, 0.0).sum(dim=1) / (p.to(values.dtype) * response.sum(dim=1).clamp_min(1))
     return per_row.mean()
 
 
-def embedding_mse(x0_hat: Tensor, e: Tensor, corrupted: Tensor) -> Tensor:
-    """Scalar: mean over corrupted positions (all rows pooled) of ``mean_d (x̂0 − e)²``; 0 if none is corrupted.
-    ``x0_hat``, ``e``: Tensor[B, L, d]; ``corrupted``: Bool[B, L]."""
-    per_position = (_wide(x0_hat) - e).square().mean(dim=-1)
-    return torch.where(corrupted, per_position, 0.0).sum() / corrupted.sum().clamp_min(1)
+def embedding_mse(x0_hat: Tensor, e: Tensor) -> Tensor:
+    """Per-position ``mean_d (x̂0 − e)²``: Tensor[B, L] (float32 or wider), reduced like the CE by the caller.
+    ``x0_hat``, ``e``: Tensor[B, L, d]."""
+    return (_wide(x0_hat) - e).square().mean(dim=-1)
 
 
 @torch.no_grad()

@@ -253,9 +253,10 @@ class MixtureGamma(GammaSchedule):
         return sum(w * c.pdf(gamma) for c, w in zip(self.components, self.weights, strict=True))
 
     def _icdf(self, q: Tensor) -> Tensor:
-        upper = torch.searchsorted(self._grid_cdf, q).clamp(1, self.TABLE_POINTS - 1)
-        lo, hi = self._grid[upper - 1], self._grid[upper]
-        c_lo, c_hi = self._grid_cdf[upper - 1], self._grid_cdf[upper]
+        grid, grid_cdf = self._grid.to(q.device), self._grid_cdf.to(q.device)
+        upper = torch.searchsorted(grid_cdf, q).clamp(1, self.TABLE_POINTS - 1)
+        lo, hi = grid[upper - 1], grid[upper]
+        c_lo, c_hi = grid_cdf[upper - 1], grid_cdf[upper]
         g = lo + ((q - c_lo) / (c_hi - c_lo)).nan_to_num(0.0).clamp(0.0, 1.0) * (hi - lo)
         for _ in range(self.REFINE_STEPS):
             excess = self._cdf(g) - q

@@ -86,8 +86,10 @@ class MLFMModel(MegatronModule):
         self.cfg, self.vocab_size, self.backend = cfg, vocab_size, backend
         self.padded_vocab = padded_vocab_size(vocab_size, tp)
         init = config.init_method
-        self.embedding = tensor_parallel.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, init_method=init,
-                                                                config=config)
+        std = cfg.embedding_std  # the table's scale sets what γ means (σ is absolute): unit scale by default
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            self.padded_vocab, cfg.hidden_size, init_method=lambda w: torch.nn.init.normal_(w, std=std), config=config)
+        self.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
         self.gamma_embedding = GammaEmbedding(cfg.time_embed_dim, cfg.time_hidden_size, dtype)
         self.decoder = TransformerBlock(config, layer_spec(cfg, backend), post_layer_norm=True)
         self.output_layer = tensor_parallel.ColumnParallelLinear(

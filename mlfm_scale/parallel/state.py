@@ -11,10 +11,31 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from mlfm_scale.config import ParallelSection
+from mlfm_scale.errors import UserError
 
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+LOCAL_RANK_FROM = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
+LOCAL_SIZE_FROM = ("LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE")  # deepspeed, srun, mpirun
+
+
+def _local_environment() -> None:
+    """LOCAL_RANK / LOCAL_WORLD_SIZE (read by DeepSpeed and streaming) from whichever launcher ran us."""
+    for name, sources in (("LOCAL_RANK", LOCAL_RANK_FROM), ("LOCAL_WORLD_SIZE", LOCAL_SIZE_FROM)):
+        if name not in os.environ:
+            found = next((os.environ[s] for s in sources if s in os.environ), None)
+            if found is not None:
+                os.environ[name] = found.split("(")[0]  # SLURM writes "2(x3)" for 2 tasks on each of 3 nodes
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    missing = [n for n in ("LOCAL_RANK", "LOCAL_WORLD_SIZE") if n not in os.environ]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} unset in a {os.environ['WORLD_SIZE']}-process run: launch with "
+                        "torchrun, the deepspeed launcher, `mlfm launch` or srun, or set them per process")
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -25,8 +46,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        _local_environment()
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend_for(device))

@@ -54,12 +54,19 @@ def size(tag_dir: Path) -> int:
     return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
 
 
-def write_manifest(tag_dir: Path, info: dict) -> None:
-    files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+def write_manifest(tag_dir: Path, info: dict, files: dict[str, dict]) -> None:
     tmp = tag_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({**info, "files": files}, indent=1))
     os.replace(tmp, tag_dir / MANIFEST)
+
+
+def describe(tag_dir: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {bytes, sha256}} for ``names`` under ``tag_dir``."""
+    return {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)} for n in names}
+
+
+def _files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def verify(tag_dir: Path) -> dict:
@@ -104,31 +111,45 @@ def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     return path, tag
 
 
-def publish(ckpt_dir: Path, tag: str, info: dict, keep_last: int, keep_every: int | None) -> None:
-    """On rank 0, after every rank saved: write the manifest, point ``latest`` at ``tag``, apply retention."""
-    write_manifest(ckpt_dir / tag, info)
+def publish(ckpt_dir: Path, tag: str, info: dict, files: dict[str, dict], keep_last: int,
+            keep_every: int | None) -> None:
+    """On rank 0, after every rank saved: write the manifest, point ``latest`` at ``tag``, apply retention.
+
+    Retention looks only at tags up to ``tag`` (a resumed run leaves an abandoned timeline's newer tags alone):
+    the newest ``keep_last`` complete ones and every ``keep_every``-th are kept; incomplete older ones go."""
+    write_manifest(ckpt_dir / tag, info, files)
     tmp = ckpt_dir / (LATEST + ".tmp")
     tmp.write_text(tag)
     os.replace(tmp, ckpt_dir / LATEST)
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
-    keep = set(tags[-keep_last:]) | {tag}
+    older = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name) and p.name <= tag)
+    complete = [t for t in older if (ckpt_dir / t / MANIFEST).is_file()]
+    keep = set(complete[-keep_last:]) | {tag}
     if keep_every:
-        keep |= {t for t in tags if step_of(t) % keep_every == 0}
-    for old in set(tags) - keep:
+        keep |= {t for t in complete if step_of(t) % keep_every == 0}
+    for old in set(older) - keep:
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, info: dict,
          keep_last: int, keep_every: int | None) -> str:
-    """Collective: DeepSpeed's save, each rank's own state (``rank_state``: EMA partitions), then publish."""
+    """Collective: DeepSpeed's save, each rank's own state (``rank_state``: EMA partitions), the files hashed
+    by all ranks in parallel, then rank 0 publishes."""
     import torch
 
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rank_state, ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:  # a manifest left from an earlier save of this tag must not vouch for the new files
+        (ckpt_dir / tag / MANIFEST).unlink(missing_ok=True)
     dist.barrier()
-    if dist.get_rank() == 0:
-        publish(ckpt_dir, tag, info, keep_last, keep_every)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rank_state, ckpt_dir / tag / f"rank{rank:05d}.pt")
+    dist.barrier()
+    names = _files(ckpt_dir / tag)
+    described = [None] * world
+    dist.all_gather_object(described, describe(ckpt_dir / tag, names[rank::world]))
+    if rank == 0:
+        files = {k: v for part in described for k, v in part.items()}
+        publish(ckpt_dir, tag, info, dict(sorted(files.items())), keep_last, keep_every)
     dist.barrier()
     return tag
 

@@ -48,11 +48,11 @@ class ObjectiveStep(nn.Module):
         super().__init__()
         self.model, self.objective = model, objective
 
-    def forward(self, tokens, lengths, segment_ids, seed: int):
+    def forward(self, tokens, lengths, segment_ids, seed: int, response=None):
         from mlfm_scale.data.batch import MicroBatch
 
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
-        return self.objective(self.model, MicroBatch(tokens, lengths, segment_ids), generator)
+        return self.objective(self.model, MicroBatch(tokens, lengths, segment_ids, response), generator)
 
 
 class BadStepGuard:
@@ -100,20 +100,23 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _dp_mean(values: torch.Tensor) -> torch.Tensor:
+def _dp_mean(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Mean over the data-parallel group, on CPU (reduced on ``device``: NCCL takes CUDA tensors only)."""
     from megatron.core import parallel_state as ps
 
-    values = values.clone()
+    values = values.to(device)
     dist.all_reduce(values, group=ps.get_data_parallel_group())
-    return values / ps.get_data_parallel_world_size()
+    return values.cpu() / ps.get_data_parallel_world_size()
 
 
-def _dp_gather(t: torch.Tensor) -> torch.Tensor:
+def _dp_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenation over the data-parallel group, on CPU (gathered on ``device``)."""
     from megatron.core import parallel_state as ps
 
+    t = t.to(device).contiguous()
     parts = [torch.empty_like(t) for _ in range(ps.get_data_parallel_world_size())]
-    dist.all_gather(parts, t.contiguous(), group=ps.get_data_parallel_group())
-    return torch.cat(parts)
+    dist.all_gather(parts, t, group=ps.get_data_parallel_group())
+    return torch.cat(parts).cpu()
 
 
 def train(cfg: Config) -> dict:
@@ -145,7 +148,7 @@ def train(cfg: Config) -> dict:
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     out_dir, ckpt_dir = Path(cfg.out_dir), cfg.path(cfg.checkpoint.dir)
 
-    manifest = load_manifest(cfg)
+    manifest = load_manifest(cfg)  # pretraining shards, or SFT shards (response masks → the SFT objective)
     data_hash = data_fingerprint(cfg)
     tok = manifest["tokenizer"]
     vocab = cfg.model.vocab_size or tok["vocab_size"]
@@ -186,6 +189,7 @@ def train(cfg: Config) -> dict:
     peak = measure_peak_flops(device, dtype)
     flops_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, posterior_mean=cfg.objective.mse_weight > 0)
     guard = BadStepGuard(cfg.train.max_bad_steps)
+    guard.total = state["skipped"]
     start_step, started = state["step"], time.perf_counter()
     losses = {}
     while state["step"] < cfg.train.steps:
@@ -199,23 +203,25 @@ def train(cfg: Config) -> dict:
                                              "block_ids": raw["block_id"].tolist()}) + "\n")
             batch = to_micro_batch(raw, device)
             loss, diag = engine(batch.tokens, batch.lengths, batch.segment_ids,
-                                step_seed(cfg.seed, state["step"], micro, dp_rank))
+                                step_seed(cfg.seed, state["step"], micro, dp_rank), batch.response)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach()) / cfg.train.grad_accum
             diagnostics.append(diag)
             tokens += int(batch.lengths.sum())
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        loss_mean = float(_dp_mean(torch.tensor([loss_sum], dtype=torch.float64)))
+        loss_mean = float(_dp_mean(torch.tensor([loss_sum], dtype=torch.float64), device))
         good = guard.check(state["step"] + 1, loss_mean, grad_norm, last_checkpoint)
         if good:
             ema.update()
-        gamma = _dp_gather(torch.cat([d["gamma"] for d in diagnostics]).float().cpu())
-        ce = _dp_gather(torch.cat([d["ce"] for d in diagnostics]).float().cpu())
+        else:  # DeepSpeed skipped the update and the LR schedule with it: keep the schedule on the step count
+            engine.lr_scheduler.step()
+        gamma = _dp_gather(torch.cat([d["gamma"] for d in diagnostics]).float(), device)
+        ce = _dp_gather(torch.cat([d["ce"] for d in diagnostics]).float(), device)
         objective.observe(gamma, ce)
         state["step"] += 1
         state["samples"] += cfg.train.micro_batch_size * cfg.train.grad_accum * dp
-        state["tokens"] += int(_dp_mean(torch.tensor([tokens], dtype=torch.float64)) * dp)
+        state["tokens"] += int(_dp_mean(torch.tensor([tokens], dtype=torch.float64), device) * dp)
         state["skipped"] = guard.total
         if state["step"] % cfg.objective.active.update_every == 0:
             objective.update_curve()
@@ -293,10 +299,11 @@ def _evaluate(engine, batches: list[dict], cfg: Config, device: torch.device, dp
     total = 0.0
     for i, raw in enumerate(batches):
         batch = to_micro_batch(raw, device)
-        loss, _ = engine(batch.tokens, batch.lengths, batch.segment_ids, step_seed(cfg.seed, -1, i, dp_rank))
+        loss, _ = engine(batch.tokens, batch.lengths, batch.segment_ids, step_seed(cfg.seed, -1, i, dp_rank),
+                         batch.response)
         total += float(loss)
     engine.train()
-    return float(_dp_mean(torch.tensor([total / len(batches)], dtype=torch.float64)))
+    return float(_dp_mean(torch.tensor([total / len(batches)], dtype=torch.float64), device))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -16,7 +16,7 @@ import torch
 from mlfm_scale.config import ObjectiveSection
 from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.flow.bridge import bridge_forward, sample_corrupted
-from mlfm_scale.flow.objective import embedding_mse, masked_ce_loss, sft_ce_loss
+from mlfm_scale.flow.objective import embedding_mse, masked_loss, sft_loss
 from mlfm_scale.flow.schedules import (
     ActiveGammaCurve,
     GammaSchedule,
@@ -131,13 +131,14 @@ class MLFMObjective:
         want_x0 = self.cfg.mse_weight > 0 and self.cfg.kind == "mlfm"
         out = model.vocab_outputs(logits, batch.tokens, posterior_mean=want_x0)
         if batch.response is not None:
-            loss = sft_ce_loss(out.ce, c.corrupted, c.p, c.valid)
+            reduce = lambda values: sft_loss(values, c.corrupted, c.p, c.valid)
         else:
-            loss = masked_ce_loss(out.ce, c.corrupted, c.p, c.valid, self.cfg.reduction)
+            reduce = lambda values: masked_loss(values, c.corrupted, c.p, c.valid, self.cfg.reduction)
+        loss = reduce(out.ce)
         if want_x0:
-            loss = loss + self.cfg.mse_weight * embedding_mse(out.x0_hat, c.e.detach(), c.corrupted)
-        count = c.corrupted.sum(dim=1).clamp_min(1)
-        per_row = lambda x: (torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count)
+            loss = loss + self.cfg.mse_weight * reduce(embedding_mse(out.x0_hat, c.e.detach()))
+        count = c.corrupted.sum(dim=1)  # a row with nothing corrupted reports NaN (the γ curve skips it)
+        per_row = lambda x: torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count
         diagnostics = {"ce": per_row(out.ce), "accuracy": per_row(out.correct), "confidence": per_row(out.max_prob),
                        "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach()}
         return loss, diagnostics

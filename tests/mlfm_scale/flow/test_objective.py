@@ -5,10 +5,10 @@ import torch
 
 from mlfm_scale.flow.objective import (
     embedding_mse,
-    masked_ce_loss,
+    masked_loss,
     per_position_ce,
     posterior_mean_embedding,
-    sft_ce_loss,
+    sft_loss,
     token_diagnostics,
     velocity,
     velocity_mse_weight,
@@ -22,12 +22,12 @@ P = torch.tensor([0.5, 0.25, 0.8], dtype=F64)
 
 
 def test_inverse_count_is_the_mean_of_per_row_means_over_rows_with_corruption():
-    assert float(masked_ce_loss(CE, CORRUPTED, P, VALID, "inverse_count")) == pytest.approx(((1 + 3) / 2 + 8) / 2)
+    assert float(masked_loss(CE, CORRUPTED, P, VALID, "inverse_count")) == pytest.approx(((1 + 3) / 2 + 8) / 2)
 
 
-def test_inverse_p_divides_by_p_and_valid_count_per_row():
-    expected = ((1 + 3) / (0.5 * 3) + 8 / (0.25 * 4) + 0.0) / 3
-    assert float(masked_ce_loss(CE, CORRUPTED, P, VALID, "inverse_p")) == pytest.approx(expected)
+def test_inverse_p_divides_by_p_and_the_batch_valid_count():
+    expected = ((1 + 3) / 0.5 + 8 / 0.25 + 0.0) / (3 + 4 + 2)
+    assert float(masked_loss(CE, CORRUPTED, P, VALID, "inverse_p")) == pytest.approx(expected)
 
 
 def test_none_reduction_and_invalid_positions_are_ignored():
@@ -35,16 +35,15 @@ def test_none_reduction_and_invalid_positions_are_ignored():
     corrupted[0, 3] = True  # corrupted but invalid: ignored
     ce = CE.clone()
     ce[1, 0] = float("nan")  # not corrupted: cannot leak into the loss
-    per_position = masked_ce_loss(ce, corrupted, P, VALID, "none")
-    assert torch.equal(per_position, torch.where(CORRUPTED, CE, 0.0))
-    assert float(masked_ce_loss(ce, corrupted, P, VALID, "inverse_count")) == pytest.approx(5.0)
+    assert float(masked_loss(ce, corrupted, P, VALID, "none")) == pytest.approx((1 + 3 + 8) / 3)
+    assert float(masked_loss(ce, corrupted, P, VALID, "inverse_count")) == pytest.approx(5.0)
     with pytest.raises(ValueError, match="inverse_count"):
-        masked_ce_loss(CE, CORRUPTED, P, VALID, "sum")
+        masked_loss(CE, CORRUPTED, P, VALID, "sum")
 
 
 def test_scalar_reductions_of_an_empty_batch_are_zero_with_a_gradient():
     ce = CE.clone().requires_grad_()
-    loss = masked_ce_loss(ce, torch.zeros_like(CORRUPTED), P, VALID, "inverse_count")
+    loss = masked_loss(ce, torch.zeros_like(CORRUPTED), P, VALID, "inverse_count")
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.equal(ce.grad, torch.zeros_like(CE))
 
@@ -53,7 +52,7 @@ def test_sft_loss_is_llada_normalised():
     response = torch.tensor([[False, True, True, True], [False, False, True, True], [False] * 4])
     corrupted = torch.tensor([[True, True, False, True], [False, False, True, True], [False] * 4])
     expected = ((2 + 4) / (0.5 * 3) + (7 + 8) / (0.25 * 2) + 0.0) / 3
-    assert float(sft_ce_loss(CE, corrupted, P, response)) == pytest.approx(expected)
+    assert float(sft_loss(CE, corrupted, P, response)) == pytest.approx(expected)
 
 
 def test_posterior_mean_of_a_confident_logit_is_that_embedding():
@@ -77,12 +76,15 @@ def test_velocity_mse_is_the_weighted_embedding_mse():
     torch.testing.assert_close(velocity_sq, weighted, rtol=1e-12, atol=0)
 
 
-def test_embedding_mse_averages_over_corrupted_positions_and_width():
+def test_embedding_mse_is_per_position_and_reduced_like_the_ce():
     x0_hat = torch.zeros(2, 2, 2, dtype=F64)
     e = torch.tensor([[[1.0, 1.0], [2.0, 0.0]], [[0.0, 3.0], [5.0, 5.0]]], dtype=F64)
     corrupted = torch.tensor([[True, True], [True, False]])
-    assert float(embedding_mse(x0_hat, e, corrupted)) == pytest.approx((1.0 + 2.0 + 4.5) / 3)
-    assert float(embedding_mse(x0_hat, e, torch.zeros_like(corrupted))) == 0.0
+    mse = embedding_mse(x0_hat, e)
+    assert mse.tolist() == [[1.0, 2.0], [4.5, 25.0]]
+    valid = torch.ones_like(corrupted)
+    p = torch.ones(2, dtype=F64)
+    assert float(masked_loss(mse, corrupted, p, valid, "inverse_count")) == pytest.approx(((1.0 + 2.0) / 2 + 4.5) / 2)
 
 
 def test_per_position_ce_and_token_diagnostics_by_hand():

@@ -83,6 +83,11 @@ def test_document_restricted_attention_isolates_documents(process_group):
     torch.testing.assert_close(model(z, gamma, seg)[0, :5], model(shifted, gamma, seg2)[0, 7:], rtol=1e-5, atol=1e-5)
 
 
+def test_input_embedding_is_frozen_unless_asked(process_group):
+    assert not build().embedding.weight.requires_grad
+    assert build(cfg=CFG.model_copy(update={"freeze_embeddings": False})).embedding.weight.requires_grad
+
+
 def test_recompute_gives_identical_gradients(process_group):
     grads = []
     for recompute in (False, True):
@@ -91,7 +96,7 @@ def test_recompute_gives_identical_gradients(process_group):
         z, gamma, targets = inputs()
         out = model.vocab_outputs(model(z, gamma), targets)
         (out.ce.mean() + out.x0_hat.square().mean()).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)
@@ -150,8 +155,9 @@ def _tp_worker(tp: int) -> dict:
 
         grads = {}
         for name, p in model.named_parameters():
-            dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-            grads[name] = full(p.grad, dim)
+            if p.requires_grad:  # the input embedding is frozen (MLFM.md)
+                dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+                grads[name] = full(p.grad, dim)
         # fc1 holds [gate_r; up_r] per rank (megatron's stride 2): regroup into the TP=1 [gate; up] order.
         # QKV is laid out per head group, which TP slices contiguously: no regrouping needed.
         for name in [n for n in grads if n.endswith("linear_fc1.weight")] if tp > 1 else []:

@@ -1,13 +1,13 @@
 import pytest
 
-from mlfm_scale.train.checkpoint import CheckpointError, publish, resolve, tag_for, verify
+from mlfm_scale.train.checkpoint import CheckpointError, describe, publish, resolve, tag_for, verify
 
 
 def make(ckpt, step):
     tag = tag_for(step)
     (ckpt / tag).mkdir(parents=True)
     (ckpt / tag / "weights.pt").write_bytes(b"x" * 100)
-    publish(ckpt, tag, {"step": step}, keep_last=2, keep_every=10)
+    publish(ckpt, tag, {"step": step}, describe(ckpt / tag, ["weights.pt"]), keep_last=2, keep_every=10)
     return tag
 
 
@@ -34,6 +34,16 @@ def test_damaged_checkpoints_are_refused(tmp_path, damage, message):
     damage(tmp_path / tag)
     with pytest.raises(CheckpointError, match=message):
         verify(tmp_path / tag)
+
+
+def test_retention_leaves_newer_timelines_and_drops_older_incomplete_tags(tmp_path):
+    make(tmp_path, 30)  # an abandoned timeline's newer checkpoint
+    (tmp_path / "step00000004").mkdir()  # an interrupted save: no manifest
+    for step in (5, 6, 7):
+        make(tmp_path, step)
+    assert (tmp_path / "latest").read_text() == "step00000007"
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert kept == ["step00000006", "step00000007", "step00000030"]
 
 
 def test_resume_path_without_checkpoint(tmp_path):

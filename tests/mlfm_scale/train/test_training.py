@@ -132,3 +132,14 @@ def test_shards_that_do_not_fit_the_config_are_refused(shards, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 1
     assert "shards have seq_len 32, config data.seq_len is 64" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_repeated_non_finite_steps_stop_naming_the_last_checkpoint(shards, tmp_path):
+    """An absurd learning rate blows the weights up after the first update; DeepSpeed skips the non-finite
+    steps, we count them, and the second in a row stops the run with the last good checkpoint named."""
+    result = train(tmp_path, shards, 1, "train.lr=1e30", "train.warmup_steps=0", "train.max_bad_steps=2",
+                   "checkpoint.every=1", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "2 non-finite steps in a row" in output and "last good checkpoint:" in output
+    assert "checkpoints/step0000000" in output.split("last good checkpoint:")[1]
