@@ -3,8 +3,8 @@
     python benchmarks/model_step.py [--presets tiny small-20m] [--steps 10] [--out benchmarks/results/model.json]
 
 For each preset, in one run on this machine:
-  - step time, MLFM (bridge corruption, γ conditioning) vs MDM (ids in, z = m on masked positions, CE):
-    the MLFM overhead as a ratio;
+  - step time, MLFM (bridge corruption, γ conditioning) vs MDM (ids in, z = m on masked positions, CE), the
+    same model alternating between the two in one process: the MLFM overhead as a ratio of medians;
   - model FLOP/s (``flops_per_token`` × tokens / step time) as a fraction of a measured fp32 GEMM FLOP/s;
   - peak resident memory of a step with activation recompute off and on (each in a fresh process).
 """
@@ -23,12 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def gemm_flops(n: int = 1024, reps: int = 20) -> float:
-    """Best fp32 matmul FLOP/s of an n×n×n product over ``reps`` tries."""
+def gemm_flops(n: int = 2048, reps: int = 10) -> float:
+    """Best fp32 matmul FLOP/s of an n×n×n product over ``reps`` tries (after warm-up)."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    for _ in range(3):
+        a @ b
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
@@ -37,8 +38,9 @@ def gemm_flops(n: int = 1024, reps: int = 20) -> float:
     return 2 * n**3 / best
 
 
-def one(preset: str, kind: str, recompute: bool, steps: int) -> dict:
-    """Build the preset's model and time ``steps`` objective steps; runs inside its own process."""
+def one(preset: str, recompute: bool, steps: int) -> dict:
+    """Build the preset's model once and time ``steps`` steps of each objective kind, alternating MLFM and MDM
+    steps so both see the same machine state; runs inside its own process (for its peak RSS)."""
     import torch
     import torch.distributed as dist
 
@@ -49,43 +51,45 @@ def one(preset: str, kind: str, recompute: bool, steps: int) -> dict:
     from mlfm_scale.parallel.state import init_model_parallel
     from mlfm_scale.train.objective import MLFMObjective
 
-    cfg = load_config(REPO / "configs" / f"{preset}.yaml", [f"model.recompute={recompute}", f"objective.kind={kind}",
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml", [f"model.recompute={recompute}",
                                                             "objective.crop_probability=0"])
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29611", rank=0, world_size=1)
     init_model_parallel(cfg.parallel.model_copy(update={"tp": 1, "pp": 1}), cfg.seed)
     vocab = cfg.model.vocab_size or cfg.data.prep.vocab_size
     torch.manual_seed(0)
     model = MLFMModel(cfg.model, vocab)
-    objective = MLFMObjective(cfg.objective, mask_id=2, special_ids=(0, 1))
+    objectives = {kind: MLFMObjective(cfg.objective.model_copy(update={"kind": kind}), mask_id=2, special_ids=(0, 1))
+                  for kind in ("mlfm", "mdm")}
     g = torch.Generator().manual_seed(0)
     b, s = cfg.train.micro_batch_size, cfg.data.seq_len
     batch = MicroBatch(torch.randint(3, vocab, (b, s), generator=g), torch.full((b,), s))
-    times = []
+    times = {kind: [] for kind in objectives}
     for i in range(steps + 2):
-        start = time.perf_counter()
-        loss, _ = objective(model, batch, g)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if i >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "tokens": b * s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        for kind, objective in objectives.items():
+            start = time.perf_counter()
+            loss, _ = objective(model, batch, g)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if i >= 2:  # two warm-up rounds
+                times[kind].append(time.perf_counter() - start)
+    return {"mlfm_step_s": statistics.median(times["mlfm"]), "mdm_step_s": statistics.median(times["mdm"]),
+            "tokens": b * s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def measure(preset: str, kind: str, recompute: bool, steps: int) -> dict:
+def measure(preset: str, recompute: bool, steps: int) -> dict:
     code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.model_step import one; " \
-           f"print(json.dumps(one({preset!r}, {kind!r}, {recompute}, {steps})))"
+           f"print(json.dumps(one({preset!r}, {recompute}, {steps})))"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     if out.returncode:
-        raise SystemExit(f"{preset}/{kind}/recompute={recompute} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{preset}/recompute={recompute} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "small-20m"])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "model.json"))
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
@@ -93,22 +97,21 @@ def main() -> None:
     from mlfm_scale.model.flops import flops_per_token, parameter_count
 
     peak = gemm_flops()
-    print(f"fp32 GEMM (1024³): {peak / 1e9:.1f} GFLOP/s")
+    print(f"fp32 GEMM (2048³): {peak / 1e9:.1f} GFLOP/s")
     report = {"gemm_flops": peak, "presets": {}}
     for preset in args.presets:
         cfg = load_config(REPO / "configs" / f"{preset}.yaml")
         vocab = cfg.model.vocab_size or cfg.data.prep.vocab_size
-        mlfm = measure(preset, "mlfm", False, args.steps)
-        mdm = measure(preset, "mdm", False, args.steps)
-        recompute = measure(preset, "mlfm", True, args.steps)
-        flops = flops_per_token(cfg.model, vocab, cfg.data.seq_len, posterior_mean=False) * mlfm["tokens"]
+        plain = measure(preset, False, args.steps)
+        recompute = measure(preset, True, args.steps)
+        flops = flops_per_token(cfg.model, vocab, cfg.data.seq_len, posterior_mean=False) * plain["tokens"]
         row = {
             "params_m": parameter_count(cfg.model, vocab) / 1e6,
-            "mlfm_step_s": mlfm["step_s"], "mdm_step_s": mdm["step_s"],
-            "mlfm_over_mdm": mlfm["step_s"] / mdm["step_s"],
-            "model_gflops": flops / mlfm["step_s"] / 1e9, "fraction_of_gemm": flops / mlfm["step_s"] / peak,
-            "peak_rss_mb": mlfm["peak_rss_mb"], "peak_rss_recompute_mb": recompute["peak_rss_mb"],
-            "recompute_step_s": recompute["step_s"],
+            "mlfm_step_s": plain["mlfm_step_s"], "mdm_step_s": plain["mdm_step_s"],
+            "mlfm_over_mdm": plain["mlfm_step_s"] / plain["mdm_step_s"],
+            "model_gflops": flops / plain["mlfm_step_s"] / 1e9, "fraction_of_gemm": flops / plain["mlfm_step_s"] / peak,
+            "peak_rss_mb": plain["peak_rss_mb"], "peak_rss_recompute_mb": recompute["peak_rss_mb"],
+            "recompute_step_s": recompute["mlfm_step_s"],
         }
         report["presets"][preset] = row
         print(f"{preset:<10} {row['params_m']:6.1f}M params  MLFM {row['mlfm_step_s'] * 1e3:7.1f} ms  "

@@ -227,12 +227,12 @@ class PiecewiseGamma(GammaSchedule):
 
 class MixtureGamma(GammaSchedule):
     """Weighted mixture: cdf and pdf are weighted sums. ``icdf`` interpolates q in a cdf table (4097 points, built
-    once) and refines by two safeguarded Newton steps (bisection where Newton would leave the bracket), reaching
+    once) and refines by a safeguarded Newton step (bisection where Newton would leave the bracket), reaching
     float64 rounding at a few cdf evaluations, as sampling a batch's γ every step needs.
     ``weights`` are normalised to sum to 1."""
 
     TABLE_POINTS = 4097
-    REFINE_STEPS = 2
+    REFINE_STEPS = 1
 
     def __init__(self, components: Sequence[GammaSchedule], weights: Sequence[float]):
         if len(components) != len(weights) or not components:

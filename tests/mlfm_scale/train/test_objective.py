@@ -83,11 +83,11 @@ def test_active_curve_learns_from_diagnostics_and_round_trips():
     torch.testing.assert_close(restored.schedule.icdf(grid), obj.schedule.icdf(grid))
 
 
-@pytest.mark.parametrize("kind, steps, factor", [("mlfm", 300, 0.5), ("mdm", 300, 0.8)])
+@pytest.mark.parametrize("kind, steps, factor", [("mlfm", 100, 0.5), ("mdm", 100, 0.85)])
 def test_tiny_model_overfits_a_fixed_batch(process_group, kind, steps, factor):
     """Four packed blocks of the synthetic corpus, the default objective, AdamW: the MLFM loss (mean of the
-    last 10 steps vs the first 10) halves within 300 CPU steps (a few seconds); the MDM baseline, which has no low-noise
-    samples to learn from first, falls more slowly."""
+    last 10 steps vs the first 10) halves within 100 CPU steps (measured: 4.95 → 1.25); the MDM baseline, which has no
+    low-noise samples to learn from first, falls more slowly (4.73 → 3.24)."""
     from data_prep.packing import pack_documents
     from data_prep.synth import synth_documents
     from data_prep.tokenizer import ensure_special_tokens, train_bpe

@@ -95,8 +95,9 @@ def test_resume_is_exact_and_continues_the_sample_stream(dp2, shards, tmp_path):
 
 
 def test_tensor_parallel_layouts_match_tp1(dp2, shards, tmp_path):
-    """TP=2 × DP=2 (4 processes) against TP=1 × DP=2; TP=2 × DP=1 against TP=1 × DP=1: same data, weights
-    and corruption draws, so the losses agree to float32 reduction-order noise."""
+    """TP=2 × DP=2 (4 processes) against TP=1 × DP=2; TP=2 × DP=1 against TP=1 × DP=1 (with 2 accumulated
+    micro-batches): same data, weights and corruption draws, so the losses agree to float32 reduction-order
+    noise (rel 1e-5)."""
     ref2, evals2 = metrics(dp2)
     train(tmp_path / "tp2dp2", shards, 4, "parallel.tp=2", "checkpoint.every=100")
     tp2dp2, evals = metrics(tmp_path / "tp2dp2")
@@ -107,10 +108,12 @@ def test_tensor_parallel_layouts_match_tp1(dp2, shards, tmp_path):
     assert samples(run, 1) == samples(run, 0) == samples(dp2, 0)
     assert samples(run, 3) == samples(run, 2) == samples(dp2, 1)
 
-    train(tmp_path / "tp1", shards, 1, "checkpoint.every=100")
-    train(tmp_path / "tp2", shards, 2, "parallel.tp=2", "checkpoint.every=100")
+    accumulate = ("train.grad_accum=2", "checkpoint.every=100")  # and gradient accumulation on this pair
+    train(tmp_path / "tp1", shards, 1, *accumulate)
+    train(tmp_path / "tp2", shards, 2, "parallel.tp=2", *accumulate)
     tp1, _ = metrics(tmp_path / "tp1")
     tp2, _ = metrics(tmp_path / "tp2")
+    assert len(samples(tmp_path / "tp1", 0)) == 2 * STEPS  # two micro-batches per step
     for step in tp1:
         assert tp2[step] == pytest.approx(tp1[step], rel=1e-5, abs=1e-6), step
 
