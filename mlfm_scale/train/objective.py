@@ -29,17 +29,22 @@ from mlfm_scale.model.mlfm import MLFMModel
 
 
 @dataclass
-class Corruption:
-    """What the forward process drew for a micro-batch: z [b, s, d], e [b, s, d], γ/t/p [b],
-    corrupted / valid Bool[b, s]."""
+class Draw:
+    """The model-free draws of a micro-batch: γ and p [b], corrupted / valid Bool[b, s]."""
 
-    z: torch.Tensor
-    e: torch.Tensor
     gamma: torch.Tensor
-    t: torch.Tensor
     p: torch.Tensor
     corrupted: torch.Tensor
     valid: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class Corruption(Draw):
+    """A Draw plus what the forward process made of it: z and e [b, s, d], t [b]."""
+
+    z: torch.Tensor
+    e: torch.Tensor
+    t: torch.Tensor
 
 
 class MLFMObjective:
@@ -101,7 +106,9 @@ class MLFMObjective:
         real = positions[None] < batch.lengths[:, None]
         return real & ~torch.isin(batch.tokens, self.special_ids.to(batch.tokens.device))
 
-    def corrupt(self, model: MLFMModel, batch: MicroBatch, generator: torch.Generator) -> Corruption:
+    def draw(self, batch: MicroBatch, generator: torch.Generator) -> Draw:
+        """The discrete and per-sequence draws (p, γ, corrupted set), which need no model: a pipeline's last
+        stage re-draws them from the first stage's seed. The bridge noise is drawn after them, in ``corrupt``."""
         c = self.cfg
         b = batch.tokens.size(0)
         device = batch.tokens.device
@@ -113,16 +120,23 @@ class MLFMObjective:
             whole = torch.rand(b, generator=generator, device=generator.device) < 0.5
             p = torch.where(whole.to(device), torch.ones_like(p), p)
         corrupted = sample_corrupted(valid, p, generator)
-        e = model.embed(batch.tokens)
-        m = model.mask_embedding(self.mask_id)
         if c.kind == "mdm":
             gamma = torch.full((b,), c.gamma_max, device=device)
-            z = torch.where(corrupted.unsqueeze(-1), m.to(e.dtype), e)
         else:
             gamma = self.schedule.sample(self._uniforms(b, generator)).float().to(device)
-            z = bridge_forward(e, m, bridge_time(gamma, c.sigma), corrupted, c.sigma, generator)
-        return Corruption(z=z, e=e, gamma=gamma, t=bridge_time(gamma, c.sigma), p=p, corrupted=corrupted,
-                          valid=valid)
+        return Draw(gamma=gamma, p=p, corrupted=corrupted, valid=valid)
+
+    def corrupt(self, model: MLFMModel, batch: MicroBatch, generator: torch.Generator) -> Corruption:
+        """``draw``, then the forward process on the embeddings (z = m on C for ``kind = mdm``)."""
+        d = self.draw(batch, generator)
+        e = model.embed(batch.tokens)
+        m = model.mask_embedding(self.mask_id)
+        t = bridge_time(d.gamma, self.cfg.sigma)
+        if self.cfg.kind == "mdm":
+            z = torch.where(d.corrupted.unsqueeze(-1), m.to(e.dtype), e)
+        else:
+            z = bridge_forward(e, m, t, d.corrupted, self.cfg.sigma, generator)
+        return Corruption(z=z, e=e, t=t, gamma=d.gamma, p=d.p, corrupted=d.corrupted, valid=d.valid)
 
     # -------------------------------------------------------------------------------------- loss
     def loss(self, model: MLFMModel, logits: torch.Tensor, batch: MicroBatch, c: Corruption

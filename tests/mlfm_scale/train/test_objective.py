@@ -48,6 +48,14 @@ def test_corruption_keeps_observed_positions_clean_and_is_deterministic(process_
     assert ((c.gamma >= -10) & (c.gamma <= 6)).all() and ((c.p >= 0.05) & (c.p <= 1)).all()
 
 
+def test_draws_are_reproducible_without_the_model(process_group):
+    """A pipeline's last stage re-draws p, γ and the corrupted set from the seed and the tokens alone."""
+    net, mb, obj = model(), batch(), objective()
+    c = obj.corrupt(net, mb, torch.Generator().manual_seed(7))
+    d = obj.draw(mb, torch.Generator().manual_seed(7))
+    assert torch.equal(d.gamma, c.gamma) and torch.equal(d.p, c.p) and torch.equal(d.corrupted, c.corrupted)
+
+
 def test_mdm_kind_puts_the_mask_embedding_on_corrupted_positions(process_group):
     net, mb = model(), batch()
     c = objective(kind="mdm").corrupt(net, mb, torch.Generator().manual_seed(1))
