@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mlfm_scale.config import Config, load_config
+from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.errors import UserError
 
 
@@ -49,8 +50,6 @@ class ObjectiveStep(nn.Module):
         self.model, self.objective = model, objective
 
     def forward(self, tokens, lengths, segment_ids, seed: int, response=None):
-        from mlfm_scale.data.batch import MicroBatch
-
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
         return self.objective(self.model, MicroBatch(tokens, lengths, segment_ids, response), generator)
 
