@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -51,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
     first = cfg.train.steps
     ckpt_dir = cfg.path(cfg.checkpoint.dir)
     if ckpt_dir.exists():
-        import shutil
-
         shutil.rmtree(ckpt_dir)
     metrics = Path(cfg.out_dir) / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
