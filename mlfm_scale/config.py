@@ -149,12 +149,13 @@ class ObjectiveSection(Section):
 
 # ------------------------------------------------------------------------------------------- parallel
 class ParallelSection(Section):
-    """Process layout: world = tp × pp × dp. ZeRO-3 needs pp = 1 (DeepSpeed's pipeline engine asserts)."""
+    """Process layout: world = tp × pp × dp. ZeRO-3 needs pp = 1 (DeepSpeed's pipeline engine asserts).
+    A pipeline runs ``train.grad_accum`` micro-batches per step through its stages."""
 
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 3
-    micro_batches: int = Field(1, ge=1)  # pipeline micro-batches per step
+    partition: Literal["layers", "parameters"] = "layers"  # pipeline stages balance layer counts or parameters
 
     @model_validator(mode="after")
     def _supported_layout(self) -> ParallelSection:

@@ -2,15 +2,19 @@
 :class:`~mlfm_scale.data.batch.MicroBatch`.
 
 Samples are split by data-parallel rank; tensor-parallel peers (consecutive ranks, megatron's order) read
-the same samples through ``replication = tp``. The shuffle is seeded by the run seed. The loader's state
-(epoch, samples consumed) is saved in checkpoints so a resumed run continues mid-epoch with no sample
-repeated or skipped.
+the same samples through ``replication = tp``. Under a pipeline only the first stage reads; streaming is
+shown that stage's ranks as the whole world (:class:`ReaderWorld`). The shuffle is seeded by the run seed.
+The loader's state (epoch, samples consumed) is saved in checkpoints so a resumed run continues mid-epoch with
+no sample repeated or skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +59,57 @@ def cache_dir(cfg: Config, source: Path) -> Path:
     return root / manifest_sha256(source)[:20]
 
 
+@dataclass(frozen=True)
+class ReaderWorld:
+    """The world streaming sees when it is not the whole process group: under a pipeline only the first
+    stage reads shards (the last stage gets its targets through the pipeline), and the first stage's ranks are
+    global ranks 0 .. tp·dp − 1 (megatron's stage-major order), so streaming is shown that stage as its world.
+    Streaming synchronises with ``torch.distributed.barrier()`` while it builds a dataset; inside
+    ``environment()`` those barriers span the reading ranks only (``group``)."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    group: object
+
+    @classmethod
+    def first_pipeline_stage(cls, pp: int) -> ReaderWorld | None:
+        """Collective over every rank; this rank's view when it is in the first stage, else None."""
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        per_stage, local_world = world // pp, int(os.environ["LOCAL_WORLD_SIZE"])
+        if local_world % per_stage and per_stage % local_world:
+            raise UserError(f"a pipeline stage has {per_stage} processes and a node {local_world}: one must divide "
+                            "the other (place whole stages on nodes, or whole nodes in a stage)")
+        group = dist.new_group(list(range(per_stage)))
+        local_size = min(local_world, per_stage)
+        return cls(rank, per_stage, rank % local_size, local_size, group) if rank < per_stage else None
+
+    @contextlib.contextmanager
+    def environment(self) -> Iterator[None]:
+        """RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE as streaming should read them, and its barriers
+        over the readers; all restored afterwards."""
+        import torch.distributed as dist
+
+        names = {"RANK": self.rank, "WORLD_SIZE": self.size, "LOCAL_RANK": self.local_rank,
+                 "LOCAL_WORLD_SIZE": self.local_size}
+        saved = {n: os.environ.get(n) for n in names}
+        os.environ.update({n: str(v) for n, v in names.items()})
+        barrier = dist.barrier
+        dist.barrier = lambda *args, **kw: barrier(group=self.group)
+        try:
+            yield
+        finally:
+            dist.barrier = barrier
+            for n, v in saved.items():
+                if v is None:
+                    os.environ.pop(n, None)
+                else:
+                    os.environ[n] = v
+
+
 def segment_ids(tokens: torch.Tensor, lengths: torch.Tensor, doc_starts: list[np.ndarray] | None) -> torch.Tensor:
     """Long[b, s] attention segments: one per document when ``doc_starts`` is given, else one per row; the
     padded tail of a row (positions ≥ length) is always a segment of its own."""
@@ -91,17 +146,20 @@ def to_micro_batch(batch: dict, device: torch.device) -> MicroBatch:
 class TrainData:
     """An endless iterator of collated batches over epochs, with a saveable position."""
 
-    def __init__(self, cfg: Config, split: str = "train", shuffle: bool | None = None):
+    def __init__(self, cfg: Config, split: str = "train", shuffle: bool | None = None,
+                 world: ReaderWorld | None = None):
         from streaming import Stream, StreamingDataset
         from streaming.base.dataloader import StreamingDataLoader
 
+        self.world = world
         streams = [Stream(remote=str(d), local=str(cache_dir(cfg, d)), split=split,
                           proportion=w if len(source_dirs(cfg)) > 1 else None)
                    for d, w in source_dirs(cfg)]
-        self.dataset = StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size,
-                                        shuffle=cfg.data.shuffle if shuffle is None else shuffle,
-                                        shuffle_seed=cfg.seed, replication=cfg.parallel.tp if cfg.parallel.tp > 1
-                                        else None, num_canonical_nodes=1)
+        with self._environment():
+            self.dataset = StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size,
+                                            shuffle=cfg.data.shuffle if shuffle is None else shuffle,
+                                            shuffle_seed=cfg.seed, replication=cfg.parallel.tp
+                                            if cfg.parallel.tp > 1 else None, num_canonical_nodes=1)
         within = cfg.model.attend_within_documents
         self.loader = StreamingDataLoader(self.dataset, batch_size=cfg.train.micro_batch_size,
                                           num_workers=cfg.data.num_workers, drop_last=True,
@@ -125,9 +183,14 @@ class TrainData:
                                     "train.micro_batch_size: prepare more data or use smaller batches") from None
                 self._iter = None  # next epoch
 
+    def _environment(self):
+        return self.world.environment() if self.world else contextlib.nullcontext()
+
     def state_dict(self) -> dict:
-        return self.loader.state_dict()
+        with self._environment():
+            return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+        with self._environment():
+            self.loader.load_state_dict(state)
         self._iter = None

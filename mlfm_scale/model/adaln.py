@@ -18,6 +18,8 @@ from megatron.core.utils import make_viewless_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mlfm_scale.model.init import seeded
+
 
 def sinusoidal_embedding(gamma: torch.Tensor, width: int, max_period: float = 10000.0) -> torch.Tensor:
     """[b] raw γ (log-NSR) → [b, width] (cos | sin) features, float32."""
@@ -42,12 +44,15 @@ class GammaEmbedding(nn.Module):
 
 class AdaLNTransformerLayer(TransformerLayer):
     """A megatron layer (RMSNorm, TP attention and SwiGLU MLP from the spec) with AdaLN modulation from
-    ``context``; ``recompute`` wraps the layer in ``torch.utils.checkpoint`` (megatron's recompute needs CUDA)."""
+    ``context``; its weights come from (``init_seed``, layer number); ``recompute`` wraps the layer in
+    ``torch.utils.checkpoint`` (megatron's recompute needs CUDA)."""
 
-    def __init__(self, config, submodules, layer_number=1, cond_size: int = 512, recompute: bool = False, **kw):
-        super().__init__(config, submodules, layer_number=layer_number, **kw)
+    def __init__(self, config, submodules, layer_number=1, cond_size: int = 512, recompute: bool = False,
+                 init_seed: int = 0, **kw):
+        with seeded(init_seed, f"layer{layer_number}"):  # the same weights whichever stage builds layer n
+            super().__init__(config, submodules, layer_number=layer_number, **kw)
+            self.modulation = nn.Linear(cond_size, 6 * config.hidden_size, dtype=config.params_dtype)
         self.recompute = recompute
-        self.modulation = nn.Linear(cond_size, 6 * config.hidden_size, dtype=config.params_dtype)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 

@@ -18,14 +18,15 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mlfm_scale.config import ModelSection
 from mlfm_scale.errors import UserError
 from mlfm_scale.model.adaln import AdaLNTransformerLayer, GammaEmbedding
 from mlfm_scale.model.attention import AttentionSegments, CoreAttention
+from mlfm_scale.model.init import seeded
 from mlfm_scale.model.vocab_parallel import VocabOutputs, vocab_parallel_outputs
 
 VOCAB_MULTIPLE = 128
@@ -58,14 +59,15 @@ def transformer_config(cfg: ModelSection, tp: int, dtype: torch.dtype = torch.fl
         sequence_parallel=False)
 
 
-def layer_spec(cfg: ModelSection, backend: str) -> ModuleSpec:
-    """Megatron's local layer spec made bidirectional, with our core attention and the AdaLN layer."""
+def layer_spec(cfg: ModelSection, backend: str, seed: int = 0) -> ModuleSpec:
+    """Megatron's local layer spec made bidirectional, with our core attention and the AdaLN layer (whose
+    weights come from (seed, layer number))."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     attn = spec.submodules.self_attention
     attn.params = dict(attn.params, attn_mask_type=AttnMaskType.no_mask)
     attn.submodules.core_attention = ModuleSpec(module=CoreAttention, params={"backend": backend})
     spec.module = AdaLNTransformerLayer
-    spec.params = {"cond_size": cfg.time_hidden_size, "recompute": cfg.recompute}
+    spec.params = {"cond_size": cfg.time_hidden_size, "recompute": cfg.recompute, "init_seed": seed}
     return spec
 
 
@@ -76,26 +78,58 @@ def rope_frequencies(positions: torch.Tensor, dim: int, base: float) -> torch.Te
     return torch.cat([freqs, freqs], dim=-1).transpose(0, 1).unsqueeze(2)
 
 
-class MLFMModel(MegatronModule):
-    """z [b, s, d], γ [b], optional segment ids [b, s] → this rank's logits [b, s, V_pad/tp]."""
+def layer_inputs(segment_ids: torch.Tensor, cfg: ModelSection, backend: str) -> tuple[AttentionSegments, torch.Tensor]:
+    """segment ids [b, s] → (attention segments, RoPE frequencies [s, b, 1, head_dim]) for every layer."""
+    segments = AttentionSegments.from_segment_ids(segment_ids, backend)
+    return segments, rope_frequencies(segments.positions, cfg.hidden_size // cfg.num_heads, cfg.rope_base)
 
-    def __init__(self, cfg: ModelSection, vocab_size: int, tp: int = 1, dtype: torch.dtype = torch.float32,
-                 backend: str = "sdpa"):
-        config = transformer_config(cfg, tp, dtype)
-        super().__init__(config=config)
-        self.cfg, self.vocab_size, self.backend = cfg, vocab_size, backend
-        self.padded_vocab = padded_vocab_size(vocab_size, tp)
-        init = config.init_method
-        std = cfg.embedding_std  # the table's scale sets what γ means (σ is absolute): unit scale by default
-        self.embedding = tensor_parallel.VocabParallelEmbedding(
-            self.padded_vocab, cfg.hidden_size, init_method=lambda w: torch.nn.init.normal_(w, std=std), config=config)
-        self.embedding.weight.requires_grad_(not cfg.freeze_embeddings)
-        self.gamma_embedding = GammaEmbedding(cfg.time_embed_dim, cfg.time_hidden_size, dtype)
-        self.decoder = TransformerBlock(config, layer_spec(cfg, backend), post_layer_norm=True)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, self.padded_vocab, config=config, init_method=init, bias=False, gather_output=False)
 
-    # ----------------------------------------------------------------------------------- embeddings
+def mask_padded_logits(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """Pin this rank's logits [..., V_pad/tp] beyond the real vocabulary to the dtype's lowest value."""
+    real = vocab_size - vocab_start
+    if real >= logits.size(-1):
+        return logits
+    keep = torch.arange(logits.size(-1), device=logits.device) < real
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+
+
+# ------------------------------------------------------------------------------ the model's pieces
+# Each piece is built from its own seed (model/init.py); the one-stage model and the pipeline stages
+# (parallel/pipeline.py) are made of these same pieces.
+def build_embedding(cfg: ModelSection, config: TransformerConfig, padded_vocab: int, seed: int
+                    ) -> tensor_parallel.VocabParallelEmbedding:
+    """E [V_pad/tp, d] on this rank, N(0, embedding_std²) (the table's scale sets what γ means: σ is
+    absolute), frozen unless ``model.freeze_embeddings`` is false."""
+    std = cfg.embedding_std
+    with seeded(seed, "embedding"):
+        embedding = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, init_method=lambda w: torch.nn.init.normal_(w, std=std), config=config)
+    embedding.weight.requires_grad_(not cfg.freeze_embeddings)
+    return embedding
+
+
+def build_gamma_embedding(cfg: ModelSection, dtype: torch.dtype, seed: int) -> GammaEmbedding:
+    with seeded(seed, "gamma_embedding"):
+        return GammaEmbedding(cfg.time_embed_dim, cfg.time_hidden_size, dtype)
+
+
+def build_final_norm(config: TransformerConfig) -> torch.nn.Module:
+    """The RMSNorm after the last layer (megatron's block norm implementation)."""
+    return build_module(LayerNormImpl, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+
+
+def build_output_layer(cfg: ModelSection, config: TransformerConfig, padded_vocab: int, seed: int
+                       ) -> tensor_parallel.ColumnParallelLinear:
+    """The vocab-parallel output projection d → V_pad/tp (no gather)."""
+    with seeded(seed, "output_layer"):
+        return tensor_parallel.ColumnParallelLinear(cfg.hidden_size, padded_vocab, config=config,
+                                                    init_method=config.init_method, bias=False, gather_output=False)
+
+
+class EmbeddingLookup:
+    """Lookups in ``self.embedding`` (this rank's vocab-parallel rows of E), for the model and for a
+    pipeline's first stage."""
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [b, s] → e [b, s, d] (vocab-parallel lookup, reduced over TP)."""
         return self.embedding(ids)
@@ -112,25 +146,32 @@ class MLFMModel(MegatronModule):
         """This rank's rows of E, [V_pad/tp, d], for x̂0 = softmax(logits)·E."""
         return self.embedding.weight
 
+
+class MLFMModel(EmbeddingLookup, MegatronModule):
+    """z [b, s, d], γ [b], optional segment ids [b, s] → this rank's logits [b, s, V_pad/tp]."""
+
+    def __init__(self, cfg: ModelSection, vocab_size: int, tp: int = 1, dtype: torch.dtype = torch.float32,
+                 backend: str = "sdpa", seed: int = 0):
+        config = transformer_config(cfg, tp, dtype)
+        super().__init__(config=config)
+        self.cfg, self.vocab_size, self.backend = cfg, vocab_size, backend
+        self.padded_vocab = padded_vocab_size(vocab_size, tp)
+        self.embedding = build_embedding(cfg, config, self.padded_vocab, seed)
+        self.gamma_embedding = build_gamma_embedding(cfg, dtype, seed)
+        self.decoder = TransformerBlock(config, layer_spec(cfg, backend, seed), post_layer_norm=True)
+        self.output_layer = build_output_layer(cfg, config, self.padded_vocab, seed)
+
     # -------------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, gamma: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = z.shape
         if segment_ids is None:
             segment_ids = torch.zeros(b, s, dtype=torch.long, device=z.device)
-        segments = AttentionSegments.from_segment_ids(segment_ids, self.backend)
-        rope = rope_frequencies(segments.positions, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_base)
+        segments, rope = layer_inputs(segment_ids, self.cfg, self.backend)
         cond = self.gamma_embedding(gamma)
         hidden = self.decoder(hidden_states=z.transpose(0, 1).contiguous(), attention_mask=segments.mask,
                               context=cond, rotary_pos_emb=rope, packed_seq_params=segments.packed)
         logits, _ = self.output_layer(hidden)
-        return self._mask_padding(logits.transpose(0, 1))
-
-    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
-        real = self.vocab_size - self.vocab_start
-        if real >= logits.size(-1):
-            return logits
-        keep = torch.arange(logits.size(-1), device=logits.device) < real
-        return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+        return mask_padded_logits(logits.transpose(0, 1), self.vocab_size, self.vocab_start)
 
     def vocab_outputs(self, logits: torch.Tensor, targets: torch.Tensor, posterior_mean: bool = True) -> VocabOutputs:
         """CE, diagnostics and (when ``posterior_mean``) x̂0 for this rank's logits, reduced over the TP group."""

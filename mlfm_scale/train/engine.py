@@ -1,6 +1,7 @@
 """DeepSpeed over the megatron-core model: its config, the AdamW parameter groups, the LR schedule.
 
-Layout: TP from megatron-core ``parallel_state`` (passed as ``mpu``) × ZeRO over the data-parallel group.
+Layouts: TP from megatron-core ``parallel_state`` (passed as ``mpu``) × ZeRO over the data-parallel group;
+or a ``PipelineModule`` (its own grid of pipe × data × model ranks, the same groups) × ZeRO-1.
 """
 from __future__ import annotations
 
@@ -52,7 +53,13 @@ def deepspeed_config(cfg: Config) -> dict:
         # every parameter partitioned (none kept whole below a size threshold): the EMA lives on the partitions
         zero.update(contiguous_gradients=True, overlap_comm=False, stage3_param_persistence_threshold=0,
                     stage3_gather_16bit_weights_on_model_save=False)
+    pipeline = {}
+    if cfg.parallel.pp > 1:
+        # every float between stages (h, c) carries a gradient and is sent whole: DeepSpeed's default splits
+        # the first output over TP and refuses a second float output
+        pipeline = {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False, "use_reentrant": False}}
     return {
+        **pipeline,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
@@ -65,7 +72,8 @@ def deepspeed_config(cfg: Config) -> dict:
 
 
 def build_engine(cfg: Config, model: nn.Module, mpu, device: torch.device):
-    """(engine, optimizer, scheduler) for ``model`` under ``cfg``; AdamW is fused on CUDA."""
+    """(engine, optimizer, scheduler) for ``model`` under ``cfg``; AdamW is fused on CUDA. ``mpu`` is None for a
+    ``PipelineModule`` (its grid is the mpu)."""
     import deepspeed
 
     apply_trainable(model, cfg.train.trainable)

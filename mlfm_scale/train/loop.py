@@ -24,10 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from mlfm_scale.config import Config, load_config
-from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.errors import UserError
 
 
@@ -39,19 +37,6 @@ def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
     """A 63-bit seed for one micro-batch's draws; equal on tensor-parallel peers."""
     digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{dp_rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-class ObjectiveStep(nn.Module):
-    """The model plus the objective as one module, so DeepSpeed's engine runs (and ZeRO-3 gathers for) the
-    whole step: ``forward(tokens, lengths, segment_ids, seed) → (loss, per-sequence diagnostics)``."""
-
-    def __init__(self, model: nn.Module, objective):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, tokens, lengths, segment_ids, seed: int, response=None):
-        generator = torch.Generator(device=tokens.device).manual_seed(seed)
-        return self.objective(self.model, MicroBatch(tokens, lengths, segment_ids, response), generator)
 
 
 class BadStepGuard:
@@ -99,33 +84,15 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _dp_mean(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Mean over the data-parallel group, on CPU (reduced on ``device``: NCCL takes CUDA tensors only)."""
-    from megatron.core import parallel_state as ps
-
-    values = values.to(device)
-    dist.all_reduce(values, group=ps.get_data_parallel_group())
-    return values.cpu() / ps.get_data_parallel_world_size()
-
-
-def _dp_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenation over the data-parallel group, on CPU (gathered on ``device``)."""
-    from megatron.core import parallel_state as ps
-
-    t = t.to(device).contiguous()
-    parts = [torch.empty_like(t) for _ in range(ps.get_data_parallel_world_size())]
-    dist.all_gather(parts, t, group=ps.get_data_parallel_group())
-    return torch.cat(parts).cpu()
-
-
 def train(cfg: Config) -> dict:
     """Run (or resume) training under ``cfg``; returns a summary (rank 0's view)."""
     from megatron.core import parallel_state as ps
 
-    from mlfm_scale.data.loader import TrainData, data_fingerprint, load_manifest, to_micro_batch
+    from mlfm_scale.data.loader import ReaderWorld, TrainData, data_fingerprint, load_manifest, to_micro_batch
     from mlfm_scale.model.attention import resolve_backend
     from mlfm_scale.model.flops import flops_per_token
     from mlfm_scale.model.mlfm import MLFMModel
+    from mlfm_scale.parallel import pipeline
     from mlfm_scale.parallel.mpu import MegatronMPU
     from mlfm_scale.parallel.state import init_distributed, init_model_parallel
     from mlfm_scale.train import checkpoint
@@ -133,9 +100,11 @@ def train(cfg: Config) -> dict:
     from mlfm_scale.train.engine import build_engine
     from mlfm_scale.train.metrics import MetricsLogger
     from mlfm_scale.train.objective import MLFMObjective
+    from mlfm_scale.train.steps import DataParallelSteps, ObjectiveStep, PipelineSteps
 
-    if cfg.parallel.pp > 1:
-        raise UserError("parallel.pp > 1: pipeline training is not available yet; use parallel.pp=1 (TP × ZeRO)")
+    pipelined = cfg.parallel.pp > 1
+    if pipelined:
+        pipeline.check_supported(cfg)
     if cfg.objective.mse_weight > 0 and cfg.parallel.zero_stage == 3:
         raise UserError("objective.mse_weight > 0 needs the whole embedding table for x̂0, which ZeRO-3 partitions;"
                         " use parallel.zero_stage=1 (or 2) for runs with the x̂0 MSE term")
@@ -152,14 +121,24 @@ def train(cfg: Config) -> dict:
     tok = manifest["tokenizer"]
     vocab = cfg.model.vocab_size or tok["vocab_size"]
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
-    torch.manual_seed(cfg.seed)  # the same full initial weights on every rank; TP slices them
-    model = MLFMModel(cfg.model, vocab, cfg.parallel.tp, dtype, resolve_backend(cfg.model.attention, device, dtype))
+    backend = resolve_backend(cfg.model.attention, device, dtype)
     objective = MLFMObjective(cfg.objective, tok["mask_id"], (tok["eos_id"], tok["pad_id"]))
-    engine, _, _ = build_engine(cfg, ObjectiveStep(model, objective).to(device), MegatronMPU(), device)
+    # the same initial weights for every layout: each piece draws them from (seed, piece); TP slices them
+    if pipelined:
+        net = pipeline.build_pipeline(cfg, vocab, dtype, backend, objective, sft=manifest["kind"] == "sft")
+        engine, _, _ = build_engine(cfg, net.to(device), None, device)
+        steps = PipelineSteps(engine, device, cfg.train.micro_batch_size * cfg.train.grad_accum)
+        reader = ReaderWorld.first_pipeline_stage(cfg.parallel.pp)
+    else:
+        model = MLFMModel(cfg.model, vocab, cfg.parallel.tp, dtype, backend, seed=cfg.seed)
+        engine, _, _ = build_engine(cfg, ObjectiveStep(model, objective).to(device), MegatronMPU(), device)
+        steps, reader = DataParallelSteps(engine, device), None
     # ZeRO-3 keeps gathered weights for reuse; the EMA swap must partition them first (a pinned private API)
     ema = EMA(engine.module, cfg.train.ema_decay, getattr(engine.optimizer, "_partition_all_parameters", None))
-    data = TrainData(cfg)
-    val = list(_first_batches(cfg, cfg.train.eval_batches)) if "val" in manifest["splits"] else []
+    data = TrainData(cfg, world=reader) if steps.reads_data else None  # later pipeline stages read nothing
+    val = []
+    if "val" in manifest["splits"]:
+        val = _first_batches(cfg, reader, device) if steps.reads_data else [None] * cfg.train.eval_batches
     logger = MetricsLogger(cfg, out_dir, enabled=rank == 0)
 
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
@@ -171,7 +150,8 @@ def train(cfg: Config) -> dict:
             raise TrainingError(f"{found[0] / found[1]} was trained on other shards (manifest hash differs); "
                                 "point data.root at the original shards or start a new out_dir")
         state = client["state"]
-        data.load_state_dict(client["loader"])
+        if data is not None:
+            data.load_state_dict(client["loader"])
         objective.load_state_dict(client["objective"])
         _set_rng_state(client["rng"])
         ema.load_state_dict(own["ema"])
@@ -193,41 +173,34 @@ def train(cfg: Config) -> dict:
     losses = {}
     while state["step"] < cfg.train.steps:
         step_start = time.perf_counter()
-        engine.train()
-        loss_sum, diagnostics, tokens = 0.0, [], 0
-        for micro in range(cfg.train.grad_accum):
-            raw = next(data)
+        batches = None
+        if steps.reads_data:
+            raws = [next(data) for _ in range(cfg.train.grad_accum)]
             if sample_log is not None:
-                sample_log.write(json.dumps({"step": state["step"] + 1, "micro": micro,
-                                             "block_ids": raw["block_id"].tolist()}) + "\n")
-            batch = to_micro_batch(raw, device)
-            loss, diag = engine(batch.tokens, batch.lengths, batch.segment_ids,
-                                step_seed(cfg.seed, state["step"], micro, dp_rank), batch.response)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach()) / cfg.train.grad_accum
-            diagnostics.append(diag)
-            tokens += int(batch.lengths.sum())
+                for micro, raw in enumerate(raws):
+                    sample_log.write(json.dumps({"step": state["step"] + 1, "micro": micro,
+                                                 "block_ids": raw["block_id"].tolist()}) + "\n")
+            batches = [to_micro_batch(raw, device) for raw in raws]
+        seeds = [step_seed(cfg.seed, state["step"], micro, dp_rank) for micro in range(cfg.train.grad_accum)]
+        loss_mean, rows = steps.train(batches, seeds)  # rows: (γ, ce, tokens) per sequence of the step, all DP
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        loss_mean = float(_dp_mean(torch.tensor([loss_sum], dtype=torch.float64), device))
         good = guard.check(state["step"] + 1, loss_mean, grad_norm, last_checkpoint)
         if good:
             ema.update()
         else:  # DeepSpeed skipped the update and the LR schedule with it: keep the schedule on the step count
             engine.lr_scheduler.step()
-        gamma = _dp_gather(torch.cat([d["gamma"] for d in diagnostics]).float(), device)
-        ce = _dp_gather(torch.cat([d["ce"] for d in diagnostics]).float(), device)
-        objective.observe(gamma, ce)
+        objective.observe(rows[0], rows[1])
+        tokens = int(rows[2].sum())
         state["step"] += 1
         state["samples"] += cfg.train.micro_batch_size * cfg.train.grad_accum * dp
-        state["tokens"] += int(_dp_mean(torch.tensor([tokens], dtype=torch.float64), device) * dp)
+        state["tokens"] += tokens
         state["skipped"] = guard.total
         if state["step"] % cfg.objective.active.update_every == 0:
             objective.update_curve()
         seconds = time.perf_counter() - step_start
         losses[state["step"]] = loss_mean
         if state["step"] % cfg.log.every == 0 or state["step"] == cfg.train.steps:
-            tokens_per_s = tokens * dp / seconds
+            tokens_per_s = tokens / seconds
             values = {"loss": loss_mean, "grad_norm": grad_norm, "lr": engine.get_lr()[0],
                       "tokens_per_s": tokens_per_s, "mfu": flops_token * tokens_per_s / (peak * world),
                       "step_s": seconds, "skipped": guard.total}
@@ -236,16 +209,19 @@ def train(cfg: Config) -> dict:
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
         if val and (state["step"] % cfg.train.eval_every == 0 or state["step"] == cfg.train.steps):
-            values = {"val_loss": _evaluate(engine, val, cfg, device, dp_rank)}
+            val_seeds = [step_seed(cfg.seed, -1, i, dp_rank) for i in range(cfg.train.eval_batches)]
+            values = {"val_loss": steps.evaluate(val, val_seeds)}
             with ema.swapped():
-                values["val_loss_ema"] = _evaluate(engine, val, cfg, device, dp_rank)
+                values["val_loss_ema"] = steps.evaluate(val, val_seeds)
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
         if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps:
-            client = {"state": state, "loader": data.state_dict(), "objective": objective.state_dict(),
-                      "rng": _rng_state(), "manifest_sha256": data_hash, "config": cfg.model_dump(mode="json")}
+            client = {"state": state, "loader": None if data is None else data.state_dict(),
+                      "objective": objective.state_dict(), "rng": _rng_state(), "manifest_sha256": data_hash,
+                      "config": cfg.model_dump(mode="json")}
             info = {"step": state["step"], "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                    "dp": dp, "zero_stage": cfg.parallel.zero_stage, "manifest_sha256": data_hash}
+                    "dp": dp, "zero_stage": cfg.parallel.zero_stage, "manifest_sha256": data_hash,
+                    "stages": pipeline.stage_boundaries(engine.module) if pipelined else None}
             saving = time.perf_counter()
             tag = checkpoint.save(engine, ckpt_dir, state["step"], client, {"ema": ema.state_dict()}, info,
                                   cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
@@ -280,29 +256,12 @@ def _density(schedule, cfg: Config) -> tuple:
     return grid.numpy(), schedule.pdf(grid).numpy()
 
 
-def _first_batches(cfg: Config, count: int):
-    """The first ``count`` validation batches of this rank, in order (a fixed evaluation set)."""
-    from mlfm_scale.data.loader import TrainData
+def _first_batches(cfg: Config, reader, device: torch.device) -> list:
+    """The first ``train.eval_batches`` validation batches of this rank, in order (a fixed evaluation set)."""
+    from mlfm_scale.data.loader import TrainData, to_micro_batch
 
-    val = TrainData(cfg, split="val", shuffle=False)
-    for _ in range(count):
-        yield next(val)
-
-
-@torch.no_grad()
-def _evaluate(engine, batches: list[dict], cfg: Config, device: torch.device, dp_rank: int) -> float:
-    """Mean objective over the fixed validation batches with fixed corruption draws (DP-averaged)."""
-    from mlfm_scale.data.loader import to_micro_batch
-
-    engine.eval()
-    total = 0.0
-    for i, raw in enumerate(batches):
-        batch = to_micro_batch(raw, device)
-        loss, _ = engine(batch.tokens, batch.lengths, batch.segment_ids, step_seed(cfg.seed, -1, i, dp_rank),
-                         batch.response)
-        total += float(loss)
-    engine.train()
-    return float(_dp_mean(torch.tensor([total / len(batches)], dtype=torch.float64), device))
+    val = TrainData(cfg, split="val", shuffle=False, world=reader)
+    return [to_micro_batch(next(val), device) for _ in range(cfg.train.eval_batches)]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

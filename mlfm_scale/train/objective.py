@@ -139,9 +139,12 @@ class MLFMObjective:
         return Corruption(z=z, e=e, t=t, gamma=d.gamma, p=d.p, corrupted=d.corrupted, valid=d.valid)
 
     # -------------------------------------------------------------------------------------- loss
-    def loss(self, model: MLFMModel, logits: torch.Tensor, batch: MicroBatch, c: Corruption
+    def loss(self, model, logits: torch.Tensor, batch: MicroBatch, c: Draw
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(scalar loss, per-sequence diagnostics [b]: ce, accuracy, confidence, entropy, gamma, mask_ratio)."""
+        """(scalar loss, per-sequence diagnostics [b]: ce, accuracy, confidence, entropy, gamma, mask_ratio, tokens).
+
+        ``model`` provides ``vocab_outputs`` (the model, or a pipeline's last stage); ``c`` is the Corruption,
+        or just its Draw when the x̂0 term is off (a pipeline's last stage has no clean embeddings)."""
         want_x0 = self.cfg.mse_weight > 0 and self.cfg.kind == "mlfm"
         out = model.vocab_outputs(logits, batch.tokens, posterior_mean=want_x0)
         if batch.response is not None:
@@ -154,16 +157,23 @@ class MLFMObjective:
         count = c.corrupted.sum(dim=1)  # a row with nothing corrupted reports NaN (the γ curve skips it)
         per_row = lambda x: torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count
         diagnostics = {"ce": per_row(out.ce), "accuracy": per_row(out.correct), "confidence": per_row(out.max_prob),
-                       "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach()}
+                       "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach(),
+                       "tokens": batch.lengths.detach()}
         return loss, diagnostics
 
-    def __call__(self, model: MLFMModel, batch: MicroBatch, generator: torch.Generator
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Corrupt, forward and reduce one micro-batch (pretraining crops it with ``crop_probability``)."""
+    def crop(self, batch: MicroBatch, generator: torch.Generator) -> MicroBatch:
+        """Pretraining keeps a random prefix of the micro-batch with probability ``crop_probability`` (the
+        first draws of a micro-batch's generator; no draw when cropping is off or for SFT)."""
         if batch.response is None and self.cfg.crop_probability > 0:
             draw = torch.rand(2, generator=generator, device=generator.device)
             if draw[0] < self.cfg.crop_probability:
-                batch = batch.prefix(1 + int(draw[1] * batch.tokens.size(1)))
+                return batch.prefix(1 + int(draw[1] * batch.tokens.size(1)))
+        return batch
+
+    def __call__(self, model: MLFMModel, batch: MicroBatch, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Crop, corrupt, forward and reduce one micro-batch."""
+        batch = self.crop(batch, generator)
         c = self.corrupt(model, batch, generator)
         logits = model(c.z, c.gamma, batch.segment_ids)
         return self.loss(model, logits, batch, c)
