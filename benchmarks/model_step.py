@@ -56,8 +56,7 @@ def one(preset: str, recompute: bool, steps: int) -> dict:
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29611", rank=0, world_size=1)
     init_model_parallel(cfg.parallel.model_copy(update={"tp": 1, "pp": 1}), cfg.seed)
     vocab = cfg.model.vocab_size or cfg.data.prep.vocab_size
-    torch.manual_seed(0)
-    model = MLFMModel(cfg.model, vocab)
+    model = MLFMModel(cfg.model, vocab, seed=0)
     objectives = {kind: MLFMObjective(cfg.objective.model_copy(update={"kind": kind}), mask_id=2, special_ids=(0, 1))
                   for kind in ("mlfm", "mdm")}
     g = torch.Generator().manual_seed(0)

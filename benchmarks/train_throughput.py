@@ -62,8 +62,7 @@ cfg = load_config({str(REPO / "configs" / f"{preset}.yaml")!r}, ["objective.crop
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29623", rank=0, world_size=1)
 init_model_parallel(cfg.parallel.model_copy(update={{"tp": 1}}), 0)
 vocab = cfg.data.prep.vocab_size
-torch.manual_seed(0)
-model = MLFMModel(cfg.model, vocab)
+model = MLFMModel(cfg.model, vocab, seed=0)
 objective = MLFMObjective(cfg.objective, 2, (0, 1))
 opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
 g = torch.Generator().manual_seed(0)

@@ -162,7 +162,7 @@ def train(cfg: Config) -> dict:
         logger.console(state["step"], cfg.train.steps, resumed, state["step"])
 
     sample_log = None
-    if cfg.log.sample_ids:
+    if cfg.log.sample_ids and steps.reads_data:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         sample_log = (out_dir / "samples" / f"rank{rank:05d}.jsonl").open("a", buffering=1)
     peak = measure_peak_flops(device, dtype)

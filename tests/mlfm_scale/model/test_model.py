@@ -15,8 +15,7 @@ VOCAB = 50  # padded to 128: the padded logits must carry no mass
 
 
 def build(cfg=CFG, seed=0, tp=1, **kw):
-    torch.manual_seed(seed)  # CPU init draws the full weights from the torch RNG: same for any TP size
-    return MLFMModel(cfg, VOCAB, tp=tp, **kw)
+    return MLFMModel(cfg, VOCAB, tp=tp, seed=seed, **kw)  # each piece from (seed, piece): same for any TP size
 
 
 def inputs(b=2, s=12, seed=1):

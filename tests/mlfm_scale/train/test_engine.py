@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from mlfm_scale.config import ModelSection, load_config
 from mlfm_scale.errors import UserError
@@ -14,8 +13,7 @@ CFG = ModelSection(num_layers=1, hidden_size=32, num_heads=4, ffn_hidden_size=64
 
 
 def test_weight_decay_skips_norms_biases_and_adaln(process_group):
-    torch.manual_seed(0)
-    model = MLFMModel(CFG, 50)
+    model = MLFMModel(CFG, 50, seed=0)
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -27,8 +25,7 @@ def test_weight_decay_skips_norms_biases_and_adaln(process_group):
 
 
 def test_trainable_subset_freezes_the_rest(process_group):
-    torch.manual_seed(0)
-    model = MLFMModel(CFG, 50)
+    model = MLFMModel(CFG, 50, seed=0)
     apply_trainable(model, [r"modulation", r"gamma_embedding"])
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("modulation" in n or "gamma_embedding" in n for n in trained)

@@ -12,8 +12,7 @@ VOCAB, EOS, PAD, MASK = 40, 0, 1, 2
 
 
 def model(seed=0):
-    torch.manual_seed(seed)
-    return MLFMModel(CFG, VOCAB)
+    return MLFMModel(CFG, VOCAB, seed=seed)
 
 
 def batch(b=4, s=16, seed=0):
@@ -104,7 +103,6 @@ def test_tiny_model_overfits_a_fixed_batch(process_group, kind, steps, factor):
     sp = ensure_special_tokens(tok)
     docs = [tok.encode(d, add_special_tokens=False).ids for d in synth_documents(8, seed=1)]
     tokens = torch.tensor(pack_documents(docs, 32, sp.eos, sp.pad).tokens[:4], dtype=torch.long)
-    torch.manual_seed(0)
     net = MLFMModel(CFG.model_copy(update={"hidden_size": 64, "ffn_hidden_size": 176}), tok.get_vocab_size())
     obj = MLFMObjective(ObjectiveSection(kind=kind, crop_probability=0.0), sp.mask, (sp.eos, sp.pad))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0)
