@@ -96,7 +96,8 @@ class CorruptStage(EmbeddingLookup, nn.Module):
         z = c.z.transpose(0, 1).contiguous()
         if not z.requires_grad:  # frozen embeddings: DeepSpeed sends a gradient back for every float output
             z.requires_grad_()
-        return (z, self.gamma_embedding(c.gamma), batch.segment_ids, *Targets.from_draw(batch, c).tensors())
+        carried = (batch.segment_ids, *Targets.from_draw(batch, c).tensors())  # a crop leaves strided views
+        return (z, self.gamma_embedding(c.gamma), *(t.contiguous() for t in carried))
 
 
 class LayerStage(nn.Module):
