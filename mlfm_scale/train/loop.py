@@ -29,6 +29,7 @@ from torch import nn
 from mlfm_scale.config import Config, load_config
 from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.errors import UserError
+from mlfm_scale.train.preemption import StopRequest
 
 
 class TrainingError(UserError):
@@ -118,8 +119,10 @@ def _dp_gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training under ``cfg``; returns a summary (rank 0's view)."""
+def train(cfg: Config, stop: StopRequest | None = None) -> dict:
+    """Run (or resume) training under ``cfg``; returns a summary (rank 0's view). When ``stop`` is requested
+    (a launcher's preemption signal) the ranks stop together at a step boundary after a checkpoint, and the
+    summary says ``preempted``."""
     from megatron.core import parallel_state as ps
 
     from mlfm_scale.data.loader import TrainData, data_fingerprint, load_manifest, to_micro_batch
@@ -190,7 +193,7 @@ def train(cfg: Config) -> dict:
     guard = BadStepGuard(cfg.train.max_bad_steps)
     guard.total = state["skipped"]
     start_step, started = state["step"], time.perf_counter()
-    losses = {}
+    losses, preempted = {}, False
     while state["step"] < cfg.train.steps:
         step_start = time.perf_counter()
         engine.train()
@@ -241,7 +244,8 @@ def train(cfg: Config) -> dict:
                 values["val_loss_ema"] = _evaluate(engine, val, cfg, device, dp_rank)
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
-        if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps:
+        preempted = stop is not None and stop.agreed(device) and state["step"] < cfg.train.steps
+        if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps or preempted:
             client = {"state": state, "loader": data.state_dict(), "objective": objective.state_dict(),
                       "rng": _rng_state(), "manifest_sha256": data_hash, "config": cfg.model_dump(mode="json")}
             info = {"step": state["step"], "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
@@ -256,11 +260,13 @@ def train(cfg: Config) -> dict:
             curve = objective.curve
             logger.plot(None if curve is None else tuple(t.numpy() for t in curve.ce_curve()),
                         _density(objective.schedule, cfg))
+        if preempted:
+            break
     logger.close()
     if sample_log is not None:
         sample_log.close()
     return {"state": state, "losses": losses, "last_checkpoint": last_checkpoint,
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "preempted": preempted}
 
 
 def _resident_bytes(engine) -> dict[str, int]:
