@@ -91,8 +91,7 @@ def jobs(cluster, shards, env, tmp_path_factory):
     ids["c"] = launch(env, "--after", ids["a"], f"out_dir={a}", f"train.steps={MORE}", *common)
     c_waits = slurm.queue_states()[ids["c"]]
     try:
-        wait(lambda: reached(b, 3), 240, "job B's step 3",
-             [b / "slurm" / ids["b"]])
+        wait(lambda: reached(b, 3), 240, "job B's step 3", [b / "slurm" / ids["b"]])
         signalled = max(losses(b))
         subprocess.run(["scancel", "--signal=USR2", ids["b"]], check=True)
         done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
