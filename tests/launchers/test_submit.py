@@ -1,7 +1,7 @@
 """What a job runs, rendered without a cluster: the resolved config and the dry-run text."""
 from launchers.kinds import KINDS, PIPELINE, get
 from launchers.options import resolve_launch, sbatch_parameters
-from launchers.submit import dry_run_text, job_config
+from launchers.submit import dry_run_text, job_config, submit_chain
 from mlfm_scale.config import LaunchSection, load_config
 from tests.conftest import REPO
 
@@ -31,3 +31,13 @@ def test_gpu_dry_run_text():
 def test_pipeline_stages_are_registered_kinds_in_order():
     assert PIPELINE[0] == "pretrain" and "pretrain" in KINDS
     assert get("pretrain").load().__name__ == "train" and get("pretrain").preemptible
+
+
+def test_a_chain_makes_each_job_wait_for_the_previous(capsys):
+    launch = resolve_launch(LaunchSection(), {"cluster": "local", "nodes": 2})
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    ids = submit_chain([get("pretrain"), get("pretrain")], cfg, launch, ["5"], dry_run=True)
+    scripts = capsys.readouterr().out.split("# mlfm launch pretrain")[1:]
+    assert ids == ["PRETRAIN_JOB_ID"] * 2 and len(scripts) == 2
+    assert "#SBATCH --dependency=afterok:5\n" in scripts[0]
+    assert "#SBATCH --dependency=afterok:PRETRAIN_JOB_ID\n" in scripts[1]
