@@ -22,13 +22,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mlfm_scale.train.loop", "pretrain an MLFM from streaming shards (DeepSpeed ZeRO × megatron TP)"),
     "demo": ("mlfm_scale.demo", "the main job on the embedded default (no downloads)"),
     "config": ("mlfm_scale.config_cli", "print a config resolved with its overrides, or say what is wrong"),
+    "launch": ("launchers.cli", "submit pretrain (distill, eval as they land) or a pipeline to SLURM"),
+    "jobs": ("launchers.jobs_cli", "this project's SLURM jobs: state and latest checkpoint step"),
 }
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], rename: dict | None = None) -> None:
-    """One ``--flag`` per field of ``model`` (type, choices and help from the schema); defaults stay unset
-    so :func:`model_from_flags` can tell given flags from schema defaults."""
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], rename: dict | None = None,
+                    exclude: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of ``model`` but ``exclude`` (type, choices and help from the schema); defaults
+    stay unset so :func:`model_from_flags` can tell given flags from schema defaults."""
     for name, info in model.model_fields.items():
+        if name in exclude:
+            continue
         flag = "--" + (rename or {}).get(name, name).replace("_", "-")
         ann = info.annotation
         args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(ann, types.UnionType) else [ann]

@@ -7,11 +7,12 @@ deep-merged over it. Unknown keys and wrong types raise :class:`ConfigError` nam
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlfm_scale.errors import UserError
 
@@ -225,11 +226,52 @@ class SampleSection(Section):
     guidance_scale: float = 0.0
 
 
+SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def slurm_minutes(text: str) -> int:
+    """Minutes (rounded up) of a SLURM time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    m = SLURM_TIME.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    else:  # MM[:SS]
+        seconds = a * 60 + (b or 0)
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: the time limit must be positive")
+    return -(-seconds // 60)
+
+
 class LaunchSection(Section):
-    nodes: int = Field(1, ge=1)
-    tasks_per_node: int = Field(1, ge=1)
-    partition: str | None = None
-    time: str = "01:00:00"
+    """SLURM job shape and cluster settings for ``mlfm launch`` (``launchers/``). A cluster profile
+    (``configs/clusters/NAME.yaml``, the same keys) gives the defaults; keys set here override it, and the
+    command-line flags override both."""
+
+    cluster: str | None = Field(None, description="cluster profile: a name in configs/clusters/ or a YAML path")
+    nodes: int = Field(1, ge=1, description="nodes")
+    tasks_per_node: int = Field(1, ge=1, description="tasks (processes) per node; on GPU nodes one per GPU")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0: CPU job, gloo)")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPU cores per task")
+    mem: str | None = Field(None, description="memory per node, sbatch --mem (e.g. 64G; 0 = all)")
+    partition: str | None = Field(None, description="partition (the cluster's default when unset)")
+    time: str = Field("01:00:00", description="time limit per run, HH:MM:SS or D-HH:MM:SS")
+    account: str | None = Field(None, description="account to charge")
+    qos: str | None = Field(None, description="quality of service")
+    constraint: str | None = Field(None, description="node features, sbatch --constraint")
+    max_requeues: int = Field(3, ge=0, description="times a preempted or timed-out job requeues itself")
+    signal_delay_s: int = Field(120, ge=10, description="seconds before the time limit that SLURM signals "
+                                                         "the job to checkpoint and requeue")
+    setup: list[str] = Field([], description="shell lines run before the tasks start (module load, exports)")
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        slurm_minutes(value)
+        return value
 
 
 class Config(Section):

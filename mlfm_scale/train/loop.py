@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from mlfm_scale.config import Config, load_config
 from mlfm_scale.errors import UserError
+from mlfm_scale.train.preemption import StopRequest
 
 
 class TrainingError(UserError):
@@ -84,8 +85,10 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training under ``cfg``; returns a summary (rank 0's view)."""
+def train(cfg: Config, stop: StopRequest | None = None) -> dict:
+    """Run (or resume) training under ``cfg``; returns a summary (rank 0's view). When ``stop`` is requested
+    (a launcher's preemption signal) the ranks stop together at a step boundary after a checkpoint, and the
+    summary says ``preempted``."""
     from megatron.core import parallel_state as ps
 
     from mlfm_scale.data.loader import ReaderWorld, TrainData, data_fingerprint, load_manifest, to_micro_batch
@@ -170,7 +173,7 @@ def train(cfg: Config) -> dict:
     guard = BadStepGuard(cfg.train.max_bad_steps)
     guard.total = state["skipped"]
     start_step, started = state["step"], time.perf_counter()
-    losses = {}
+    losses, preempted = {}, False
     while state["step"] < cfg.train.steps:
         step_start = time.perf_counter()
         batches = None
@@ -215,7 +218,8 @@ def train(cfg: Config) -> dict:
                 values["val_loss_ema"] = steps.evaluate(val, val_seeds)
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
-        if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps:
+        preempted = stop is not None and stop.agreed(device) and state["step"] < cfg.train.steps
+        if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps or preempted:
             client = {"state": state, "loader": None if data is None else data.state_dict(),
                       "objective": objective.state_dict(), "rng": _rng_state(), "manifest_sha256": data_hash,
                       "config": cfg.model_dump(mode="json")}
@@ -232,11 +236,13 @@ def train(cfg: Config) -> dict:
             curve = objective.curve
             logger.plot(None if curve is None else tuple(t.numpy() for t in curve.ce_curve()),
                         _density(objective.schedule, cfg))
+        if preempted:
+            break
     logger.close()
     if sample_log is not None:
         sample_log.close()
     return {"state": state, "losses": losses, "last_checkpoint": last_checkpoint,
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "preempted": preempted}
 
 
 def _resident_bytes(engine) -> dict[str, int]:

@@ -82,3 +82,13 @@ def test_yaml_round_trip(tmp_path):
     cfg = load_config(CONFIGS / "tiny.yaml", ["seed=7"])
     (tmp_path / "resolved.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_slurm_time_limits():
+    from mlfm_scale.config import slurm_minutes
+
+    assert [slurm_minutes(t) for t in ("5", "5:30", "01:00:00", "1-0", "1-02:03", "0:0:59")] == [5, 6, 60, 1440,
+                                                                                              1563, 1]
+    for bad in ("1h", "0", "", "1-", "1:2:3:4"):
+        with pytest.raises(ValueError):
+            slurm_minutes(bad)

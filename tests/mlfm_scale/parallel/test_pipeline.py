@@ -10,7 +10,7 @@ from mlfm_scale.config import Config, ModelSection, load_config
 from mlfm_scale.errors import UserError
 from mlfm_scale.model.mlfm import MLFMModel
 from mlfm_scale.parallel.pipeline import LayerStage, Targets, check_supported
-from tests.mlfm_scale.train.test_training import STEPS, metrics, samples, shards, train  # noqa: F401
+from tests.mlfm_scale.train.test_training import STEPS, metrics, samples, train
 
 MODEL = ModelSection(num_layers=3, hidden_size=32, num_heads=4, ffn_hidden_size=64, time_embed_dim=16,
                      time_hidden_size=24)
@@ -57,7 +57,7 @@ PIPE = ("parallel.zero_stage=1", "train.grad_accum=4", "train.micro_batch_size=2
 
 
 @pytest.fixture(scope="module")
-def one_stage(tmp_path_factory, shards):  # noqa: F811
+def one_stage(tmp_path_factory, shards):
     """The reference: one process, no pipeline, ZeRO-1, 4 micro-batches per step."""
     out = tmp_path_factory.mktemp("pp1")
     train(out, shards, 1, *PIPE)
@@ -65,7 +65,7 @@ def one_stage(tmp_path_factory, shards):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def two_stages(tmp_path_factory, shards):  # noqa: F811
+def two_stages(tmp_path_factory, shards):
     out = tmp_path_factory.mktemp("pp2")
     train(out, shards, 2, *PIPE, "parallel.pp=2")
     return out
@@ -94,7 +94,7 @@ def test_two_stages_match_one_stage(one_stage, two_stages):
 
 
 @pytest.mark.multiprocess
-def test_two_stages_resume_exactly(two_stages, shards, tmp_path):  # noqa: F811
+def test_two_stages_resume_exactly(two_stages, shards, tmp_path):
     out = tmp_path / "resumed"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(two_stages / "checkpoints" / "step00000004", out / "checkpoints" / "step00000004")
@@ -111,7 +111,7 @@ def test_two_stages_resume_exactly(two_stages, shards, tmp_path):  # noqa: F811
 
 
 @pytest.mark.multiprocess
-def test_tensor_and_pipeline_parallel_match_one_stage(one_stage, shards, tmp_path):  # noqa: F811
+def test_tensor_and_pipeline_parallel_match_one_stage(one_stage, shards, tmp_path):
     """TP=2 × PP=2 (4 processes), stages balanced by parameter count, against one process (rel 1e-5)."""
     train(tmp_path / "tp2pp2", shards, 4, *PIPE, "parallel.pp=2", "parallel.tp=2", "parallel.partition=parameters",
           "checkpoint.every=100")

@@ -7,27 +7,13 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SMALL_MODEL
 
 pytestmark = pytest.mark.multiprocess
 STEPS = 8
-BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "model.ffn_hidden_size=64",
-        "model.time_embed_dim=16", "model.time_hidden_size=32", "data.seq_len=32", f"train.steps={STEPS}",
-        "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=4", "train.eval_batches=2",
-        "log.every=1", "log.plot_every=4", "log.sample_ids=true", "checkpoint.every=4", "checkpoint.keep_last=3"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from data_prep.shards import prepare_shards
-    from data_prep.synth import write_synth_jsonl
-    from mlfm_scale.config import PrepSection
-
-    root = tmp_path_factory.mktemp("train-data")
-    write_synth_jsonl(root / "c.jsonl", 400, seed=2)
-    prepare_shards([root / "c.jsonl"], root / "data", PrepSection(vocab_size=300, val_fraction=0.1,
-                                                                 chunk_bytes=16384), 32, progress=False)
-    return root / "data"
+BASE = [*SMALL_MODEL, f"train.steps={STEPS}", "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=4",
+        "train.eval_batches=2", "log.every=1", "log.plot_every=4", "log.sample_ids=true", "checkpoint.every=4",
+        "checkpoint.keep_last=3"]
 
 
 def train(out, shards, nproc, *overrides, check=True):

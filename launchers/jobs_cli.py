@@ -1,0 +1,49 @@
+"""``mlfm jobs``: this project's SLURM jobs (``launchers.records``) with their state and the step of their
+latest checkpoint."""
+from __future__ import annotations
+
+import argparse
+import pickle
+import shutil
+from pathlib import Path
+
+from launchers import records, slurm
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--last", type=int, default=20, help="show the newest N jobs (default: %(default)s)")
+
+
+def ended_state(record: dict) -> str:
+    """The state of a job SLURM no longer lists, from submitit's result file of rank 0."""
+    from submitit.core.utils import JobPaths
+
+    result = JobPaths(record["folder"], job_id=record["job_id"], task_id=0).result_pickle
+    if not result.is_file():
+        return "UNKNOWN"
+    with result.open("rb") as f:
+        outcome, _ = pickle.load(f)
+    return "COMPLETED" if outcome == "success" else "FAILED"
+
+
+def latest_step(record: dict) -> int | None:
+    from mlfm_scale.train.checkpoint import latest_tag, step_of
+
+    tag = latest_tag(Path(record["checkpoints"]))
+    return None if tag is None else step_of(tag)
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs = records.read()[-args.last:]
+    if not jobs:
+        print(f"no jobs launched from this project yet ({records.index_path()})")
+        return 0
+    states = slurm.queue_states() if shutil.which("squeue") else {}
+    print(f"{'JOBID':>8}  {'KIND':<9} {'NAME':<12} {'STATE':<11} {'REASON':<16} {'NODES':>5}  {'LATEST':>7}  OUT_DIR")
+    for job in jobs:
+        state, reason = states.get(job["job_id"], (ended_state(job), ""))
+        reason = "" if reason == "None" else reason
+        step = latest_step(job)
+        print(f"{job['job_id']:>8}  {job['kind']:<9} {job['name']:<12} {state:<11} {reason:<16} {job['nodes']:>5}  "
+              f"{'-' if step is None else step:>7}  {job['out_dir']}")
+    return 0

@@ -1,0 +1,99 @@
+"""Submit a job kind (or a chain of them) with submitit, or print what would be submitted.
+
+Per job: the config resolved (absolute ``out_dir``, the resolved ``launch`` section, ``train.resume=auto`` for
+preemptible kinds) → sbatch parameters → ``SlurmExecutor.submit(Job(...))`` → the resolved config written to
+the job folder ``OUT_DIR/slurm/JOBID/`` (beside submitit's per-rank logs) and the job added to the index.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from launchers import records
+from launchers.job import Job
+from launchers.kinds import JobKind
+from launchers.options import sbatch_parameters
+from launchers.rendezvous import PORT_BASE, PORT_SPAN
+from mlfm_scale.config import Config, LaunchSection
+from mlfm_scale.errors import UserError
+
+JOB_FOLDER = "slurm/%j"  # under out_dir; submitit replaces %j with the job id
+
+
+def job_config(kind: JobKind, cfg: Config, launch: LaunchSection) -> Config:
+    """The config the job runs, as stored with it."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.out_dir = str(Path(cfg.out_dir).resolve())
+    cfg.launch = launch
+    if kind.preemptible and cfg.train.resume is None:
+        cfg.train.resume = "auto"
+    return cfg
+
+
+def task_command(folder: Path) -> str:
+    """What ``srun`` starts in each task (submitit's runner, with this interpreter)."""
+    return f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+
+def dry_run_text(kind: JobKind, cfg: Config, params: dict) -> str:
+    """The sbatch script and what each task runs, without submitting anything."""
+    from submitit.slurm.slurm import _make_sbatch_string  # the renderer submitit's executor uses
+
+    folder = Path(cfg.out_dir) / JOB_FOLDER
+    launch = cfg.launch
+    world = launch.nodes * launch.tasks_per_node
+    backend = "NCCL (one task per GPU)" if launch.gpus_per_node else "gloo (CPU)"
+    stop = (f"; USR2 → checkpoint at the next step boundary, then requeue (at most {launch.max_requeues} times)"
+            if kind.preemptible else "")
+    return "\n".join([
+        f"# mlfm launch {kind.name} — dry run, nothing submitted",
+        f"# job folder: {folder}  (config.yaml: the resolved config; %j_%t_log.out/.err: each rank's logs)",
+        "# ---------------------------------------------------------------- sbatch script",
+        _make_sbatch_string(command=task_command(folder), folder=folder, **params).rstrip(),
+        f"# ---------------------------------------------------------------- each of the {world} tasks "
+        f"({launch.nodes} node(s) × {launch.tasks_per_node}) runs",
+        task_command(folder),
+        f"#   → launchers.job.Job: MASTER_ADDR = first host of $SLURM_JOB_NODELIST, MASTER_PORT = {PORT_BASE} + "
+        f"$SLURM_JOB_ID % {PORT_SPAN}, RANK = $SLURM_PROCID, WORLD_SIZE = {world}, LOCAL_RANK = $SLURM_LOCALID, "
+        f"LOCAL_WORLD_SIZE = {launch.tasks_per_node}; {backend}",
+        f"#   → {kind.entry}(config){stop}",
+        f"#   config: out_dir={cfg.out_dir} train.steps={cfg.train.steps} train.resume={cfg.train.resume}",
+    ])
+
+
+def submit(kind: JobKind, cfg: Config, launch: LaunchSection, after: list[str], dry_run: bool = False) -> str:
+    """Submit one job of ``kind``; returns its id (with ``dry_run``, prints the script and returns a
+    placeholder id for the next job of a chain)."""
+    import submitit
+
+    cfg = job_config(kind, cfg, launch)
+    params = sbatch_parameters(launch, f"mlfm-{kind.name}-{cfg.name}", after)
+    if dry_run:
+        print(dry_run_text(kind, cfg, params))
+        return f"{kind.name.upper()}_JOB_ID"
+    executor = submitit.SlurmExecutor(Path(cfg.out_dir) / JOB_FOLDER, python=shlex.quote(sys.executable))
+    executor.update_parameters(**params)
+    try:
+        job = executor.submit(Job(kind.name, cfg.model_dump(mode="json"), launch.max_requeues))
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        message = str(e).strip().splitlines()
+        raise UserError(f"sbatch refused the {kind.name} job: {' '.join(message[-3:])}") from None
+    folder = Path(job.paths.folder)
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    records.append({"job_id": job.job_id, "kind": kind.name, "name": cfg.name, "out_dir": cfg.out_dir,
+                    "checkpoints": str(cfg.path(cfg.checkpoint.dir)), "folder": str(folder),
+                    "nodes": launch.nodes, "tasks_per_node": launch.tasks_per_node, "after": after,
+                    "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return job.job_id
+
+
+def submit_chain(kinds: list[JobKind], cfg: Config, launch: LaunchSection, after: list[str],
+                 dry_run: bool = False) -> list[str]:
+    """Each kind after the previous one succeeded (the first after ``after``); returns the job ids."""
+    ids = []
+    for kind in kinds:
+        ids.append(submit(kind, cfg, launch, after, dry_run))
+        after = [ids[-1]]
+    return ids
