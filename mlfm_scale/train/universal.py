@@ -79,7 +79,7 @@ def load_file(path: Path) -> dict:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ZeroStageEnum, LossScaler, fragment_address, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
+    allowed = [ZeroStageEnum, LossScaler, fragment_address, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
                type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
