@@ -20,7 +20,6 @@ plus one file.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlfm_scale.train.checkpoint import MANIFEST, CheckpointError, verify
+from mlfm_scale.train.checkpoint import CheckpointError, verify
 
 KINDS = ("param", "exp_avg", "exp_avg_sq", "ema")
 # canonical name pattern → (partition dim, stride) of megatron's tensor parallelism; others are replicated
@@ -89,9 +88,9 @@ def load_file(path: Path) -> dict:
 class CheckpointReader:
     """Reads one verified checkpoint tag directory of a TP × ZeRO layout into the layout-free form."""
 
-    def __init__(self, tag_dir: str | Path, check: bool = True):
+    def __init__(self, tag_dir: str | Path):
         self.tag_dir = Path(tag_dir)
-        self.info = verify(self.tag_dir) if check else json.loads((self.tag_dir / MANIFEST).read_text())
+        self.info = verify(self.tag_dir)  # every file's size and sha256: a damaged shard is refused, named
         self.tp, self.dp, self.stage = self.info["tp"], self.info["dp"], self.info["zero_stage"]
         if self.info.get("pp", 1) != 1:
             raise CheckpointError(f"{self.tag_dir} is a pipeline checkpoint (pp={self.info['pp']}): export and "
@@ -100,7 +99,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.tag_dir}: zero_stage 0 checkpoints are not supported; train with ZeRO ≥ 1")
         self._states = self._model_states(0)
         self.shapes = {canonical_name(n): s for group in self._states["param_shapes"] for n, s in group.items()}
-        self.frozen = {canonical_name(n): s for n, s in (self._frozen_shapes(self._states)).items()}
+        self.frozen = {canonical_name(n): s for n, s in self._frozen_shapes(self._states).items()}
 
     # ------------------------------------------------------------------------------------- files
     def _model_states_path(self, tp_rank: int, dp_rank: int = 0) -> Path:
