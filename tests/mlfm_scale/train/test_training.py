@@ -36,11 +36,9 @@ def samples(out, rank):
 
 
 @pytest.fixture(scope="module")
-def dp2(tmp_path_factory, shards):
-    """The reference: TP=1 × DP=2, ZeRO-3, 8 steps, checkpoints at 4 and 8."""
-    out = tmp_path_factory.mktemp("dp2")
-    train(out, shards, 2)
-    return out
+def dp2(dp2_run):
+    """The reference: TP=1 × DP=2, ZeRO-3, 8 steps, checkpoints at 4 and 8 (shared with the reshard tests)."""
+    return dp2_run
 
 
 def test_zero3_two_ranks_trains_and_checkpoints(dp2):
