@@ -1,6 +1,7 @@
 """The layout-free form of a checkpoint: every parameter as one full tensor under one canonical name.
 
-A tag directory written by any supported layout (megatron TP × DeepSpeed ZeRO-1/2/3, pp = 1) is read back,
+A tag directory written by any supported layout (megatron TP × DeepSpeed ZeRO-1/2/3, or TP × a DeepSpeed
+pipeline × ZeRO-1) is read back,
 without a process group, into ``{kind: {canonical name: full float32 tensor}}`` for the kinds
 
     param        the fp32 master weights (frozen parameters: their weights)
@@ -12,7 +13,9 @@ nesting: ``embedding.weight`` [V_pad, d], ``gamma_embedding.*``, ``layers.{i}.*`
 ``output_layer.weight`` [V_pad, d] (the vocabulary padding is part of the model, independent of TP).
 TP shards are merged along each parameter's partition dimension (:data:`TP_PARTITIONS`; SwiGLU's fc1 is split
 with stride 2: each rank holds [gate_r; up_r]); ZeRO shards are gathered over the data-parallel ranks.
-A pipeline layout plugs in by mapping its stage-local layer numbers to global ones in :func:`canonical_name`.
+A pipeline checkpoint names parameters by pipeline layer (``0.`` the first stage's embeddings, ``i.layer.`` AdaLN
+layer i, the last index the final norm and output layer: parallel/pipeline.py); :func:`canonical_name` maps them,
+and its files come per model slice (stage × TP rank; frozen weights in DeepSpeed's per-layer files).
 
 Files are memory-mapped one at a time (each dropped before the next; only the tensors read are paged in) and
 copied into one preallocated buffer per parameter, so the peak memory is about one copy of the requested kinds
@@ -40,8 +43,17 @@ TP_PARTITIONS = (
 )
 
 
+PIPELINE_NAME = re.compile(r"^(\d+)\.(layer\.)?")
+
+
 def canonical_name(name: str) -> str:
-    """An engine / megatron parameter name → its canonical name (``model.decoder.layers.0.x`` → ``layers.0.x``)."""
+    """An engine / megatron parameter name → its canonical name (``model.decoder.layers.0.x`` → ``layers.0.x``;
+    pipeline layer names: ``3.layer.x`` → ``layers.2.x``, ``0.embedding.weight`` → ``embedding.weight``)."""
+    if m := PIPELINE_NAME.match(name):
+        rest = name[m.end():]
+        if m[2]:
+            return f"layers.{int(m[1]) - 1}.{rest}"
+        return rest.replace("final_layernorm.", "final_norm.", 1)
     name = name.removeprefix("model.")
     return name.replace("decoder.layers.", "layers.", 1).replace("decoder.final_layernorm.", "final_norm.", 1)
 
@@ -92,35 +104,46 @@ class CheckpointReader:
         self.tag_dir = Path(tag_dir)
         self.info = verify(self.tag_dir)  # every file's size and sha256: a damaged shard is refused, named
         self.tp, self.dp, self.stage = self.info["tp"], self.info["dp"], self.info["zero_stage"]
-        if self.info.get("pp", 1) != 1:
-            raise CheckpointError(f"{self.tag_dir} is a pipeline checkpoint (pp={self.info['pp']}): export and "
-                                  "reshard read TP × ZeRO layouts (pp = 1) only so far")
+        self.pp = self.info.get("pp", 1)
         if self.stage == 0:
             raise CheckpointError(f"{self.tag_dir}: zero_stage 0 checkpoints are not supported; train with ZeRO ≥ 1")
         self._states = self._model_states(0)
-        self.shapes = {canonical_name(n): s for group in self._states["param_shapes"] for n, s in group.items()}
-        self.frozen = {canonical_name(n): s for n, s in self._frozen_shapes(self._states).items()}
+        stages = [self._states] + [self._model_states(s * self.tp) for s in range(1, self.pp)]
+        self.shapes = {canonical_name(n): s for st in stages for group in st["param_shapes"] for n, s in group.items()}
+        self.frozen = {canonical_name(n): s for st in range(self.pp) for n, s in self._frozen_shapes(st, stages[st])}
 
     # ------------------------------------------------------------------------------------- files
-    def _model_states_path(self, tp_rank: int, dp_rank: int = 0) -> Path:
-        name = f"mp_rank_{tp_rank:02d}_model_states.pt"
+    # Files come per model slice mp = stage × tp + TP rank (DeepSpeed's numbering; mp = TP rank without a pipeline)
+    def _model_states_path(self, mp: int, dp_rank: int = 0) -> Path:
+        name = f"mp_rank_{mp:02d}_model_states.pt"
         return self.tag_dir / (f"zero_pp_rank_{dp_rank}_{name}" if self.stage == 3 else name)
 
-    def _model_states(self, tp_rank: int, dp_rank: int = 0) -> dict:
-        return load_file(self._model_states_path(tp_rank, dp_rank))
+    def _model_states(self, mp: int, dp_rank: int = 0) -> dict:
+        return load_file(self._model_states_path(mp, dp_rank))
 
-    def _optim(self, tp_rank: int, dp_rank: int) -> dict:
-        return load_file(self.tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")[
+    def _optim(self, mp: int, dp_rank: int) -> dict:
+        return load_file(self.tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt")[
             "optimizer_state_dict"]
 
-    def _ema(self, tp_rank: int, dp_rank: int) -> dict:
-        return load_file(self.tag_dir / f"rank{dp_rank * self.tp + tp_rank:05d}.pt")["ema"]
+    def _ema(self, mp: int, dp_rank: int) -> dict:
+        stage, tp_rank = divmod(mp, self.tp)  # global rank: megatron's order, pipeline stage slowest
+        return load_file(self.tag_dir / f"rank{(stage * self.dp + dp_rank) * self.tp + tp_rank:05d}.pt")["ema"]
 
-    def _frozen_shapes(self, states: dict) -> dict:
+    def _module(self, mp: int, states: dict) -> dict[str, torch.Tensor]:
+        """The weights of model slice ``mp``: the module state, or a pipeline stage's per-layer files."""
+        if self.pp == 1:
+            return states["module"]
+        stage, tp_rank = divmod(mp, self.tp)
+        lo, hi = self.info["stages"][stage:stage + 2]
+        return {f"{i}.{n}": t for i in range(lo, hi)
+                for n, t in load_file(self.tag_dir / f"layer_{i:02d}-model_{tp_rank:02d}-model_states.pt").items()}
+
+    def _frozen_shapes(self, stage: int, states: dict) -> list[tuple[str, torch.Size]]:
         if self.stage == 3:
-            return dict(states.get("frozen_param_shapes") or {})
+            return list((states.get("frozen_param_shapes") or {}).items())
         trained = {n for group in states["param_shapes"] for n in group}
-        return {n: t.shape for n, t in states["module"].items() if torch.is_tensor(t) and n not in trained}
+        return [(n, t.shape) for n, t in self._module(stage * self.tp, states).items()
+                if torch.is_tensor(t) and n not in trained]
 
     def client_state(self) -> dict:
         """Our client state (config, loader, objective, rng, counters) and DeepSpeed's engine counters."""
@@ -146,32 +169,34 @@ class CheckpointReader:
             names = dict(self.shapes) | (self.frozen if kind in ("param", "ema") else {})
             buffers = {n: torch.zeros(self.tp if tp_partition(n) else 1, *shape, dtype=torch.float32)
                        for n, shape in names.items()}
-            for tp_rank in range(self.tp):
-                self._fill(kind, tp_rank, buffers)
+            for mp in range(self.pp * self.tp):
+                self._fill(kind, mp, buffers)
             # merged one by one, each buffer dropped as it is merged: at most one parameter is held twice
             out[kind] = {n: merge_tp(buffers.pop(n), tp_partition(n)) for n in list(buffers)}
         return out
 
-    def _fill(self, kind: str, tp_rank: int, buffers: dict[str, torch.Tensor]) -> None:
-        """Copy TP rank ``tp_rank``'s pieces of ``kind`` into ``buffers`` [tp or 1, *local shape]."""
+    def _fill(self, kind: str, mp: int, buffers: dict[str, torch.Tensor]) -> None:
+        """Copy model slice ``mp``'s pieces of ``kind`` into ``buffers`` [tp or 1, *local shape]."""
+        tp_rank = mp % self.tp
+
         def target(name: str) -> torch.Tensor | None:
             if name not in buffers or (tp_rank > 0 and buffers[name].size(0) == 1):
                 return None  # absent, or a replicated parameter already taken from TP rank 0
             return buffers[name][tp_rank if buffers[name].size(0) > 1 else 0].view(-1)
 
-        states = self._states if tp_rank == 0 else self._model_states(tp_rank)
+        states = self._states if mp == 0 else self._model_states(mp)
         trained = [(canonical_name(n), math.prod(s)) for g in states["param_shapes"] for n, s in g.items()]
         if kind in ("param", "ema"):
-            self._fill_frozen(tp_rank, states, target)
+            self._fill_frozen(mp, states, target)
         if kind == "ema":
             for dp_rank in range(self.dp if self.stage == 3 else 1):
-                ema = {canonical_name(n): t for n, t in self._ema(tp_rank, dp_rank).items()}
+                ema = {canonical_name(n): t for n, t in self._ema(mp, dp_rank).items()}
                 for name, numel in trained:
                     if (dest := target(name)) is not None and name in ema:
                         _place(dest, ema[name].flatten(), dp_rank, self.dp if self.stage == 3 else 1, numel)
             return
         for dp_rank in range(self.dp):
-            optim = self._optim(tp_rank, dp_rank)
+            optim = self._optim(mp, dp_rank)
             if self.stage == 3:  # each rank's flat groups: every parameter's partition, end to end
                 inner = optim["optimizer_state_dict"]["state"]
                 groups = optim["fp32_flat_groups"] if kind == "param" else [inner[g][kind] for g in sorted(inner)]
@@ -192,14 +217,14 @@ class CheckpointReader:
                                  [(target(canonical_name(n)), math.prod(s)) for n, s in shapes.items()])
             del optim, inner, groups  # before the next file is loaded
 
-    def _fill_frozen(self, tp_rank: int, states: dict, target) -> None:
+    def _fill_frozen(self, mp: int, states: dict, target) -> None:
         if self.stage < 3:
-            for n, t in states["module"].items():
+            for n, t in self._module(mp, states).items():
                 if canonical_name(n) in self.frozen and (dest := target(canonical_name(n))) is not None:
                     dest.copy_(t.flatten())
             return
         for dp_rank in range(self.dp):
-            fragments = (states if dp_rank == 0 else self._model_states(tp_rank, dp_rank))["frozen_param_fragments"]
+            fragments = (states if dp_rank == 0 else self._model_states(mp, dp_rank))["frozen_param_fragments"]
             for n, t in fragments.items():
                 if (dest := target(canonical_name(n))) is not None:
                     _place(dest, t.flatten(), dp_rank, self.dp, dest.numel())

@@ -1,5 +1,5 @@
-"""``mlfm export``: a TP=2 × ZeRO-3 checkpoint consolidated, loaded by the plain-PyTorch inference model, gives
-the training engine's logits; a tampered or truncated shard is refused."""
+"""``mlfm export``: a TP=2 × ZeRO-3 and a PP=2 × ZeRO-1 checkpoint consolidated, loaded by the plain-PyTorch
+inference model, give the training engine's logits; a tampered or truncated shard is refused."""
 import json
 import shutil
 
@@ -10,7 +10,8 @@ from mlfm_scale.cli import main
 from mlfm_scale.export import export
 from mlfm_scale.inference import MLFMForInference
 from tests.distributed import run_distributed
-from tests.mlfm_scale.train.engine_worker import load_and_probe
+from tests.mlfm_scale.conftest import PIPELINE
+from tests.mlfm_scale.train.engine_worker import load_and_probe, load_and_probe_pipeline
 from tests.mlfm_scale.train.test_training import BASE
 
 pytestmark = pytest.mark.multiprocess
@@ -48,6 +49,22 @@ def test_exported_model_gives_the_training_engines_logits(tp2_run, shards, tmp_p
     assert config["gamma_curve"]["knots"]["dtype"] == "float64" and config["mask_id"] == 2
     assert json.loads((out / "generation_config.json").read_text())["steps"] == 256
     assert MLFMForInference.from_pretrained(out).tokenizer().get_vocab_size() == 300
+
+
+def test_exported_pipeline_gives_the_pipeline_engines_logits(pp2_run, shards, tmp_path):
+    """A PP=2 checkpoint (per-layer weight files, per-stage ZeRO-1 optimizer shards, pipeline layer names):
+    the stages run by hand and the exported one-device model agree to 1e-5, raw and EMA weights."""
+    tag = pp2_run / "checkpoints" / "step00000008"
+    for weights in ("raw", "ema"):
+        export(tag, tmp_path / weights, weights=weights)
+    probe = probe_inputs()
+    stages = run_distributed(load_and_probe_pipeline, 2, [*BASE, f"data.root={shards}", *PIPELINE, "parallel.pp=2"],
+                             str(tag), probe)
+    assert stages[0] is None  # the last stage holds the logits
+    for weights in ("raw", "ema"):
+        logits = MLFMForInference.from_pretrained(tmp_path / weights)(*probe)
+        torch.testing.assert_close(logits, stages[1][weights], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(stages[1]["raw"], stages[1]["ema"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

@@ -10,6 +10,7 @@ from mlfm_scale.config import Config, ModelSection, load_config
 from mlfm_scale.errors import UserError
 from mlfm_scale.model.mlfm import MLFMModel
 from mlfm_scale.parallel.pipeline import LayerStage, Targets, check_supported
+from tests.mlfm_scale.conftest import PIPELINE
 from tests.mlfm_scale.train.test_training import STEPS, metrics, samples, train
 
 MODEL = ModelSection(num_layers=3, hidden_size=32, num_heads=4, ffn_hidden_size=64, time_embed_dim=16,
@@ -51,24 +52,17 @@ def test_pipeline_settings_it_cannot_run_are_refused(overrides, message):
 
 
 # ------------------------------------------------------------------------------------ end to end
-# crops change the sequence length between micro-batches (DeepSpeed's dynamic shapes); the γ curve moves
-PIPE = ("parallel.zero_stage=1", "train.grad_accum=4", "train.micro_batch_size=2", "objective.crop_probability=0.3",
-        "objective.active.update_every=2")
-
-
 @pytest.fixture(scope="module")
 def one_stage(tmp_path_factory, shards):
     """The reference: one process, no pipeline, ZeRO-1, 4 micro-batches per step."""
     out = tmp_path_factory.mktemp("pp1")
-    train(out, shards, 1, *PIPE)
+    train(out, shards, 1, *PIPELINE)
     return out
 
 
 @pytest.fixture(scope="module")
-def two_stages(tmp_path_factory, shards):
-    out = tmp_path_factory.mktemp("pp2")
-    train(out, shards, 2, *PIPE, "parallel.pp=2")
-    return out
+def two_stages(pp2_run):
+    return pp2_run
 
 
 @pytest.mark.multiprocess
@@ -99,7 +93,7 @@ def test_two_stages_resume_exactly(two_stages, shards, tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(two_stages / "checkpoints" / "step00000004", out / "checkpoints" / "step00000004")
     (out / "checkpoints" / "latest").write_text("step00000004")
-    train(out, shards, 2, *PIPE, "parallel.pp=2", "train.resume=auto")
+    train(out, shards, 2, *PIPELINE, "parallel.pp=2", "train.resume=auto")
     ref, ref_evals = metrics(two_stages)
     resumed, evals = metrics(out)
     assert sorted(resumed) == [5, 6, 7, 8]
@@ -113,7 +107,7 @@ def test_two_stages_resume_exactly(two_stages, shards, tmp_path):
 @pytest.mark.multiprocess
 def test_tensor_and_pipeline_parallel_match_one_stage(one_stage, shards, tmp_path):
     """TP=2 × PP=2 (4 processes), stages balanced by parameter count, against one process (rel 1e-5)."""
-    train(tmp_path / "tp2pp2", shards, 4, *PIPE, "parallel.pp=2", "parallel.tp=2", "parallel.partition=parameters",
+    train(tmp_path / "tp2pp2", shards, 4, *PIPELINE, "parallel.pp=2", "parallel.tp=2", "parallel.partition=parameters",
           "checkpoint.every=100")
     ref, _ = metrics(one_stage)
     got, _ = metrics(tmp_path / "tp2pp2")

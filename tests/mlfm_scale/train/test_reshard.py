@@ -8,6 +8,7 @@ import torch
 from mlfm_scale.cli import main
 from mlfm_scale.train.universal import KINDS, CheckpointReader
 from tests.distributed import run_distributed
+from tests.mlfm_scale.conftest import PIPELINE
 from tests.mlfm_scale.test_export import probe_inputs
 from tests.mlfm_scale.train.engine_worker import load_and_probe
 from tests.mlfm_scale.train.test_training import BASE, STEPS, metrics, samples, train
@@ -80,6 +81,13 @@ def test_resume_tensor_parallel_two_to_one(tp2_run, shards, tmp_path):
     resumed = resume(tp2_run, shards, tmp_path, 1)
     check_continues(tp2_run, (0,), resumed, (0,), {"rel": 1e-5, "abs": 1e-6})
     assert metrics(resumed)[1][8]["val_loss_ema"] == pytest.approx(metrics(tp2_run)[1][8]["val_loss_ema"], rel=1e-5)
+
+
+def test_resume_pipeline_on_one_stage(pp2_run, shards, tmp_path):
+    """PP=2 (two processes) → PP=1 (one): the same DP rank draws the same corruption and PP=2 trains like one
+    stage, so the continued losses equal the uninterrupted PP=2 run's up to float32 noise (rel 1e-5)."""
+    resumed = resume(pp2_run, shards, tmp_path, 1, *PIPELINE)
+    check_continues(pp2_run, (0,), resumed, (0,), {"rel": 1e-5, "abs": 1e-6})
 
 
 def test_layout_free_form_carries_the_state_exactly(tp2_run, shards, tmp_path, capsys):
