@@ -43,7 +43,8 @@ def get(name: str) -> JobKind:
 
 register(JobKind("pretrain", "mlfm_scale.train.loop:train", "pretrain an MLFM (what `mlfm train` runs)",
                  preemptible=True))
-# export: register(JobKind("export", "mlfm_scale.export:<entry>", "consolidate the latest checkpoint")) (issue 6)
+register(JobKind("export", "mlfm_scale.export:export_latest",
+                 "consolidate the run's latest checkpoint into out_dir/export (what `mlfm export` writes)"))
 # distill and eval: one register(...) line each when their entry points land.
 
 # `mlfm launch pipeline` submits the registered ones of these in order, each after the previous succeeded.

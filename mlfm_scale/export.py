@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import time
@@ -119,6 +120,21 @@ def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: s
             "fp32_model_bytes": sum(t.numel() * 4 for t in tensors.values()),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "seconds": time.perf_counter() - started, "weights": weights}
+
+
+def export_latest(cfg: Config) -> dict:
+    """The ``export`` job kind (``mlfm launch export``, or chained after ``pretrain``): the run's ``latest``
+    checkpoint → ``out_dir/export`` (EMA weights when present, fp32), written by the job's first task."""
+    from mlfm_scale.train.checkpoint import resolve
+
+    if int(os.environ.get("RANK", "0")):
+        return {"exported_by": 0}
+    ckpt_dir = cfg.path(cfg.checkpoint.dir)
+    found = resolve(str(ckpt_dir), ckpt_dir)
+    summary = export(found[0] / found[1], Path(cfg.out_dir) / "export", overwrite=True)
+    print(f"exported {found[0] / found[1]} to {Path(cfg.out_dir) / 'export'}: {', '.join(summary['files'])}",
+          flush=True)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- CLI

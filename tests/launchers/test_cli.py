@@ -3,7 +3,8 @@
 One set of jobs serves the end-to-end tests, submitted together so they overlap (each takes one core on each
 of the two nodes): A trains 60 steps on 2 nodes (one gloo rank per node) uninterrupted; B is the same run,
 signalled with USR2 (SLURM's preemption/time-limit warning) a few steps in, so it checkpoints, requeues itself
-and resumes; C continues A's run to 80 steps, submitted with `--after A`.
+and resumes; C continues A's run to 80 steps, submitted with `--after A`; D exports A's run (`export` job kind)
+after C.
 """
 import json
 import os
@@ -52,9 +53,9 @@ def mlfm(args, env, check=True):
     return result
 
 
-def launch(env, *args) -> str:
-    out = mlfm([*LAUNCH, "pretrain", "configs/tiny.yaml", "--cluster", "local", "--nodes", "2", *args], env).stdout
-    return re.search(r"submitted pretrain job (\d+)", out)[1]
+def launch(env, *args, kind="pretrain", nodes=2) -> str:
+    out = mlfm([*LAUNCH, kind, "configs/tiny.yaml", "--cluster", "local", "--nodes", str(nodes), *args], env).stdout
+    return re.search(rf"submitted {kind} job (\d+)", out)[1]
 
 
 def metrics(out_dir):
@@ -89,6 +90,7 @@ def jobs(cluster, shards, env, tmp_path_factory):
     ids = {"a": launch(env, f"out_dir={a}", f"train.steps={STEPS}", *common),
            "b": launch(env, f"out_dir={b}", f"train.steps={STEPS}", *common)}
     ids["c"] = launch(env, "--after", ids["a"], f"out_dir={a}", f"train.steps={MORE}", *common)
+    ids["d"] = launch(env, "--after", ids["c"], f"out_dir={a}", *common, kind="export", nodes=1)
     c_waits = slurm.queue_states()[ids["c"]]
     try:
         wait(lambda: reached(b, 3), 240, "job B's step 3", [b / "slurm" / ids["b"]])
@@ -96,7 +98,7 @@ def jobs(cluster, shards, env, tmp_path_factory):
         subprocess.run(["scancel", "--signal=USR2", ids["b"]], check=True)
         done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
         wait(lambda: all(slurm.queue_states()[i][0] in done for i in ids.values()), 420, "all jobs to end",
-             [a / "slurm" / ids["a"], b / "slurm" / ids["b"], a / "slurm" / ids["c"]])
+             [a / "slurm" / ids["a"], b / "slurm" / ids["b"], a / "slurm" / ids["c"], a / "slurm" / ids["d"]])
     finally:
         subprocess.run(["scancel", *ids.values()], capture_output=True)
     return {"ids": ids, "a": a, "b": b, "c_waits": c_waits, "signalled": signalled,
@@ -142,6 +144,14 @@ def test_chained_job_waits_for_its_dependency_then_continues(jobs):
     assert resumed == [STEPS]  # started from A's last checkpoint: A had ended
     assert set(range(STEPS + 1, MORE + 1)) <= set(losses(a))
     assert (a / "checkpoints" / "latest").read_text() == f"step{MORE:08d}"
+
+
+def test_export_job_chained_after_training_consolidates_its_latest_checkpoint(jobs):
+    a, job = jobs["a"], jobs["ids"]["d"]
+    assert jobs["states"][job][0] == "COMPLETED"
+    config = json.loads((a / "export" / "config.json").read_text())
+    assert config["source_checkpoint"] == str(a / "checkpoints" / f"step{MORE:08d}") and config["weights"] == "ema"
+    assert (a / "export" / "model.safetensors").stat().st_size > 0
 
 
 def test_jobs_lists_state_and_latest_checkpoint(jobs, env):
