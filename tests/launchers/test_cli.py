@@ -87,12 +87,15 @@ def jobs(cluster, shards, env, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-runs")
     a, b = root / "a", root / "b"
     common = [f"data.root={shards}", *RUN]
-    ids = {"a": launch(env, f"out_dir={a}", f"train.steps={STEPS}", *common),
-           "b": launch(env, f"out_dir={b}", f"train.steps={STEPS}", *common)}
-    ids["c"] = launch(env, "--after", ids["a"], f"out_dir={a}", f"train.steps={MORE}", *common)
-    ids["d"] = launch(env, "--after", ids["c"], f"out_dir={a}", *common, kind="export", nodes=1)
-    c_waits = slurm.queue_states()[ids["c"]]
+    ids = {"a": launch(env, f"out_dir={a}", f"train.steps={STEPS}", *common)}
     try:
+        # B starts once A trains: two jobs building their streaming datasets on one node at the same instant race
+        # in streaming's shared-memory registration (FileExistsError '/00000N_locals'; streaming's own race)
+        wait(lambda: reached(a, 1), 240, "job A's first step", [a / "slurm" / ids["a"]])
+        ids["b"] = launch(env, f"out_dir={b}", f"train.steps={STEPS}", *common)
+        ids["c"] = launch(env, "--after", ids["a"], f"out_dir={a}", f"train.steps={MORE}", *common)
+        ids["d"] = launch(env, "--after", ids["c"], f"out_dir={a}", *common, kind="export", nodes=1)
+        c_waits = slurm.queue_states()[ids["c"]]
         wait(lambda: reached(b, 3), 240, "job B's step 3", [b / "slurm" / ids["b"]])
         signalled = max(losses(b))
         subprocess.run(["scancel", "--signal=USR2", ids["b"]], check=True)
