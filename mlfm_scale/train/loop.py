@@ -161,6 +161,11 @@ def train(cfg: Config) -> dict:
     data = TrainData(cfg)
     val = list(_first_batches(cfg, cfg.train.eval_batches)) if "val" in manifest["splits"] else []
     logger = MetricsLogger(cfg, out_dir, enabled=rank == 0)
+    sampler = None  # samples scored by the synthetic corpus checker (needs parallel.tp=1)
+    if cfg.sample.validation.every:
+        from mlfm_scale.sample.validation import TrainingSamples
+
+        sampler = TrainingSamples(cfg, model, objective, manifest, rank)
 
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
     last_checkpoint = None
@@ -239,6 +244,11 @@ def train(cfg: Config) -> dict:
             values = {"val_loss": _evaluate(engine, val, cfg, device, dp_rank)}
             with ema.swapped():
                 values["val_loss_ema"] = _evaluate(engine, val, cfg, device, dp_rank)
+            logger.log(state["step"], values)
+            logger.console(state["step"], cfg.train.steps, values, start_step)
+        if sampler is not None and state["step"] % cfg.sample.validation.every == 0:
+            with ema.swapped():
+                values = sampler(state["step"])
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
         if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps:

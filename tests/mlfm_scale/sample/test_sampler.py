@@ -5,7 +5,7 @@ import torch
 from mlfm_scale.config import SampleSection
 from mlfm_scale.errors import UserError
 from mlfm_scale.sample import generate
-from tests.mlfm_scale.sample.toy import EOS, MASK, PAD, SEQ, V, ToyDenoiser
+from tests.mlfm_scale.sample.toy import EOS, MASK, PAD, SEQ, ToyDenoiser, V
 
 PROMPTS = [[1, 2, 3], [], [4, 5, 6, 7, 8, 9, 10]]
 
