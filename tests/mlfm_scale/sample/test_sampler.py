@@ -96,3 +96,17 @@ def test_bad_requests_are_user_errors():
         generate(ToyDenoiser(), [[1, MASK]], options())
     with pytest.raises(UserError, match="at least one"):
         generate(ToyDenoiser(), [], options())
+
+
+
+def test_observed_positions_enter_every_evaluation_as_their_clean_embeddings():
+    model = ToyDenoiser()
+    out = generate(model, [[1, 2, 3]], options(steps=3, threshold=0.95, length=8), history=True)
+    rounds = out.history[0]
+    assert len(rounds) > 1 and len(model.inputs) == int(out.nfe[0]) == 4 * len(rounds)
+    observed = [0, 1, 2]
+    for r, promoted in enumerate(rounds):
+        for z in model.inputs[4 * r: 4 * (r + 1)]:
+            assert torch.equal(z[0, observed], model.table[out.ids[0, observed]])
+            assert not torch.isclose(z[0, promoted["positions"]], model.table[MASK]).all(dim=-1).any()
+        observed += promoted["positions"]
