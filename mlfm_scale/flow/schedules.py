@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mlfm_scale.errors import UserError
 from mlfm_scale.flow.logistic import fit_generalised_logistic, generalised_logistic, generalised_logistic_inverse
+
+if TYPE_CHECKING:
+    from mlfm_scale.config import ObjectiveSection
 
 GAMMA_SCHEDULES = ("uniform", "normal", "gumbel", "active_piecewise", "active_mixture")
 MASK_RATIOS = ("maskgit_cosine", "uniform")
@@ -396,3 +400,19 @@ def make_gamma_schedule(name: str, gamma_min: float, gamma_max: float, active: A
     components = [UniformGamma(gamma_min, gamma_max), NormalGamma(normal_loc, normal_scale, gamma_min, gamma_max),
                   active.schedule()]
     return MixtureGamma(components, mixture_weights)
+
+
+def active_curve_for(cfg: ObjectiveSection) -> ActiveGammaCurve | None:
+    """A fresh adaptive curve for the objective settings ``cfg``, or None when its γ schedule does not use one."""
+    if not cfg.gamma_schedule.startswith("active"):
+        return None
+    a = cfg.active
+    return ActiveGammaCurve(cfg.gamma_min, cfg.gamma_max, a.bins, a.quantiles, a.ce_decay, a.rate, a.r2_min)
+
+
+def gamma_schedule_for(cfg: ObjectiveSection, curve: ActiveGammaCurve | None) -> GammaSchedule:
+    """The training γ distribution of the objective settings ``cfg`` (``curve``: its adaptive curve, if any)."""
+    return make_gamma_schedule(cfg.gamma_schedule, cfg.gamma_min, cfg.gamma_max, active=curve,
+                               normal_loc=cfg.gamma_loc, normal_scale=cfg.gamma_scale,
+                               mixture_weights=cfg.mixture_weights, gumbel_loc=cfg.gamma_loc,
+                               gumbel_scale=cfg.gamma_scale)

@@ -1,4 +1,5 @@
-"""AdaLN time conditioning (MLFM.md, Model): the γ embedding and a megatron ``TransformerLayer`` subclass.
+"""AdaLN time conditioning (MLFM.md, Model): a megatron ``TransformerLayer`` subclass (the γ embedding it
+consumes is ``model.common.GammaEmbedding``).
 
 Per layer a zero-initialised Linear (after a SiLU, as in DiT) maps the conditioning c [b, hidden_c] to
 (shift1, scale1, gate1, shift2, scale2, gate2), each [b, d]:
@@ -9,35 +10,12 @@ The conditioning travels through ``TransformerBlock(context=c)``; each layer ret
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-
-def sinusoidal_embedding(gamma: torch.Tensor, width: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[b] raw γ (log-NSR) → [b, width] (cos | sin) features, float32."""
-    half = width // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=gamma.device) / half)
-    angles = gamma.float()[:, None] * freqs[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-
-class GammaEmbedding(nn.Module):
-    """γ [b] → c [b, hidden]: sinusoidal(width) → Linear → SiLU → Linear. Replicated on every TP rank."""
-
-    def __init__(self, width: int, hidden: int, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.width = width
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, dtype=dtype), nn.SiLU(),
-                                 nn.Linear(hidden, hidden, dtype=dtype))
-
-    def forward(self, gamma: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(gamma, self.width).to(self.mlp[0].weight.dtype))
 
 
 class AdaLNTransformerLayer(TransformerLayer):

@@ -15,6 +15,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from mlfm_scale.errors import UserError
+from mlfm_scale.model.common import segment_starts_and_positions
 
 try:  # optional: the `gpu` extra
     from flash_attn import flash_attn_varlen_func
@@ -48,11 +49,7 @@ class AttentionSegments:
     @classmethod
     def from_segment_ids(cls, segment_ids: torch.Tensor, backend: str) -> AttentionSegments:
         b, s = segment_ids.shape
-        idx = torch.arange(s, device=segment_ids.device).expand(b, s)
-        new = torch.ones_like(segment_ids, dtype=torch.bool)
-        new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        start = torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
-        positions = idx - start
+        new, positions = segment_starts_and_positions(segment_ids)
         single = not bool(new[:, 1:].any())
         if backend == "flash":
             flat_new = new.reshape(-1).clone()

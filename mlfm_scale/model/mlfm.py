@@ -24,8 +24,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mlfm_scale.config import ModelSection
 from mlfm_scale.errors import UserError
-from mlfm_scale.model.adaln import AdaLNTransformerLayer, GammaEmbedding
+from mlfm_scale.model.adaln import AdaLNTransformerLayer
 from mlfm_scale.model.attention import AttentionSegments, CoreAttention
+from mlfm_scale.model.common import GammaEmbedding, rope_frequencies
 from mlfm_scale.model.vocab_parallel import VocabOutputs, vocab_parallel_outputs
 
 VOCAB_MULTIPLE = 128
@@ -67,13 +68,6 @@ def layer_spec(cfg: ModelSection, backend: str) -> ModuleSpec:
     spec.module = AdaLNTransformerLayer
     spec.params = {"cond_size": cfg.time_hidden_size, "recompute": cfg.recompute}
     return spec
-
-
-def rope_frequencies(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
-    """positions [b, s] → megatron's rotary_pos_emb layout [s, b, 1, dim] (non-interleaved halves)."""
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
-    freqs = positions.float()[..., None] * inv
-    return torch.cat([freqs, freqs], dim=-1).transpose(0, 1).unsqueeze(2)
 
 
 class MLFMModel(MegatronModule):

@@ -155,7 +155,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict, dict]:
-    """Collective: (client state, this rank's own state, checkpoint info) after verifying the files on rank 0."""
+    """Collective: (client state, this rank's own state, checkpoint info) after verifying the files on rank 0;
+    a checkpoint of another layout is resharded for this one (train/reshard.py)."""
     import torch
 
     problem = [None]
@@ -168,9 +169,11 @@ def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict, dict]:
     if problem[0]:
         raise CheckpointError(problem[0])
     info = json.loads((ckpt_dir / tag / MANIFEST).read_text())
-    if info.get("world_size") != dist.get_world_size():
-        raise CheckpointError(f"{ckpt_dir / tag} was written by {info.get('world_size')} processes, this run has "
-                              f"{dist.get_world_size()}: resuming on another world size is not supported yet")
+    from mlfm_scale.train.reshard import layout_changed, load_resharded
+
+    if layout_changed(info, engine):  # another world size, TP size or ZeRO stage: through the layout-free form
+        client_state, rank_state = load_resharded(engine, ckpt_dir / tag)
+        return client_state, rank_state, info
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     rank_state = torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=True)

@@ -18,10 +18,10 @@ from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.flow.bridge import bridge_forward, sample_corrupted
 from mlfm_scale.flow.objective import embedding_mse, masked_loss, sft_loss
 from mlfm_scale.flow.schedules import (
-    ActiveGammaCurve,
     GammaSchedule,
+    active_curve_for,
     bridge_time,
-    make_gamma_schedule,
+    gamma_schedule_for,
     mask_ratio,
     stratified_uniform,
 )
@@ -54,19 +54,8 @@ class MLFMObjective:
     def __init__(self, cfg: ObjectiveSection, mask_id: int, special_ids: tuple[int, ...]):
         self.cfg, self.mask_id = cfg, mask_id
         self.special_ids = torch.tensor(sorted(set(special_ids) | {mask_id}))
-        self.curve = None
-        if cfg.gamma_schedule.startswith("active"):
-            a = cfg.active
-            self.curve = ActiveGammaCurve(cfg.gamma_min, cfg.gamma_max, a.bins, a.quantiles, a.ce_decay, a.rate,
-                                          a.r2_min)
-        self._schedule = self._build_schedule()
-
-    def _build_schedule(self) -> GammaSchedule:
-        c = self.cfg
-        return make_gamma_schedule(c.gamma_schedule, c.gamma_min, c.gamma_max, active=self.curve,
-                                   normal_loc=c.gamma_loc, normal_scale=c.gamma_scale,
-                                   mixture_weights=c.mixture_weights, gumbel_loc=c.gamma_loc,
-                                   gumbel_scale=c.gamma_scale)
+        self.curve = active_curve_for(cfg)
+        self._schedule = gamma_schedule_for(cfg, self.curve)
 
     @property
     def schedule(self) -> GammaSchedule:
@@ -83,7 +72,7 @@ class MLFMObjective:
         """Move the active curve toward its fitted target; True (and the schedule rebuilt) if it moved."""
         if self.curve is None or not self.curve.update():
             return False
-        self._schedule = self._build_schedule()
+        self._schedule = gamma_schedule_for(self.cfg, self.curve)
         return True
 
     def state_dict(self) -> dict:
@@ -92,7 +81,7 @@ class MLFMObjective:
     def load_state_dict(self, state: dict) -> None:
         if self.curve is not None and state.get("curve") is not None:
             self.curve.load_state_dict(state["curve"])
-            self._schedule = self._build_schedule()
+            self._schedule = gamma_schedule_for(self.cfg, self.curve)
 
     # ---------------------------------------------------------------------------------- corruption
     def _uniforms(self, n: int, generator: torch.Generator) -> torch.Tensor:

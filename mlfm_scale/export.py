@@ -1,0 +1,145 @@
+"""``mlfm export CHECKPOINT OUT_DIR``: one consolidated model for inference from a sharded checkpoint.
+
+Reads any supported layout (TP × ZeRO-1/2/3) on the CPU without a process group (train/universal.py),
+removes the vocabulary padding and writes Hugging Face-style files that ``mlfm_scale.inference`` loads:
+
+    model.safetensors                or model-0000x-of-0000y.safetensors + model.safetensors.index.json
+    config.json                      architecture, vocabulary and special ids, σ, the γ schedule and learned curve
+    generation_config.json           the sampler defaults (config ``sample`` section)
+    tokenizer.json                   copied from the data manifest's tokenizer
+
+Every checkpoint file is verified against ``checkpoint.json`` first, so a truncated or modified shard is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mlfm_scale.config import Config
+from mlfm_scale.errors import UserError
+from mlfm_scale.inference.model import (
+    CONFIG,
+    DTYPES,
+    GENERATION_CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    curve_to_json,
+)
+
+VOCAB_ROWS = ("embedding.weight", "output_layer.weight")  # [V_pad, d] in training, [V, d] exported
+
+
+def export_tensors(full: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Canonical full tensors (train/universal.py) → the export's: vocabulary padding rows removed."""
+    return {n: t[:vocab_size].clone() if n in VOCAB_ROWS else t for n, t in full.items()}
+
+
+def export_config(cfg: Config, tokenizer: dict, curve: dict | None, source: Path, weights: str, dtype: str) -> dict:
+    """config.json: what ``MLFMForInference`` and the sampler need (the shared inference interface)."""
+    return {"architecture": "MLFM", "model": cfg.model.model_dump(mode="json"),
+            "objective": cfg.objective.model_dump(mode="json"),
+            "gamma_curve": None if curve is None else curve_to_json(curve),
+            "vocab_size": cfg.model.vocab_size or tokenizer["vocab_size"], "mask_id": tokenizer["mask_id"],
+            "eos_id": tokenizer["eos_id"], "pad_id": tokenizer["pad_id"], "seq_len": cfg.data.seq_len,
+            "sigma": cfg.objective.sigma, "source_checkpoint": str(source), "weights": weights, "dtype": dtype}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
+                      max_shard_bytes: int) -> list[str]:
+    """Write ``tensors`` cast to ``dtype``: one ``model.safetensors``, or shards of at most ``max_shard_bytes``
+    (a larger tensor gets a shard of its own) with an index. Casts one shard at a time. Returns the file names."""
+    from safetensors.torch import save_file
+
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    names = [WEIGHTS] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                for i in range(len(shards))]
+    for file, shard in zip(names, shards):
+        save_file({n: tensors[n].to(dtype).contiguous() for n in shard}, out_dir / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * dtype.itemsize for t in tensors.values())},
+                 "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
+        (out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1))
+    return names
+
+
+def tokenizer_of(cfg: Config, manifest_hash: str) -> tuple[dict, Path]:
+    """(the manifest's tokenizer entry, its tokenizer.json) for the data a checkpoint was trained on."""
+    from mlfm_scale.data.loader import data_fingerprint, source_dirs
+    from mlfm_scale.data.manifest import read_manifest
+
+    root = source_dirs(cfg)[0][0]
+    manifest = read_manifest(root)
+    if data_fingerprint(cfg) != manifest_hash:
+        raise UserError(f"the data manifest under {root} is not the one the checkpoint was trained on (its hash "
+                        "differs): export where the training data is, or restore the original manifest")
+    return manifest["tokenizer"], root / manifest["tokenizer"]["file"]
+
+
+def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: str = "fp32",
+           max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> dict:
+    """Consolidate ``checkpoint`` (a tag directory) into ``out_dir``; returns a summary with the peak RSS."""
+    from mlfm_scale.train.universal import CheckpointReader
+
+    started = time.perf_counter()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} is not empty: choose another OUT_DIR or pass --overwrite")
+    reader = CheckpointReader(checkpoint)
+    client = reader.client_state()
+    cfg = Config.model_validate(client["config"])
+    tokenizer, tokenizer_file = tokenizer_of(cfg, client["manifest_sha256"])
+    weights = weights or ("ema" if reader.has_ema() else "raw")
+    if weights == "ema" and not reader.has_ema():
+        raise UserError(f"{checkpoint} holds no EMA weights: export with --weights raw")
+    kind = "ema" if weights == "ema" else "param"
+    full = reader.read([kind])[kind]
+    config = export_config(cfg, tokenizer, client["objective"]["curve"], checkpoint, weights, dtype)
+    tensors = export_tensors(full, config["vocab_size"])
+    del full
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = write_safetensors(tensors, out_dir, DTYPES[dtype], max_shard_bytes)
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
+    (out_dir / GENERATION_CONFIG).write_text(json.dumps(cfg.sample.model_dump(mode="json"), indent=1))
+    shutil.copyfile(tokenizer_file, out_dir / TOKENIZER)
+    return {"files": files, "parameters": sum(t.numel() for t in tensors.values()),
+            "model_bytes": sum(t.numel() * DTYPES[dtype].itemsize for t in tensors.values()),
+            "fp32_model_bytes": sum(t.numel() * 4 for t in tensors.values()),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "seconds": time.perf_counter() - started, "weights": weights}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint tag directory (…/stepNNNNNNNN) or a checkpoint directory "
+                        "holding `latest`")
+    parser.add_argument("out_dir", help="where to write the export")
+    parser.add_argument("--weights", choices=("ema", "raw"), default=None, help="EMA or raw weights "
+                        "(default: EMA when the checkpoint has it)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the written weights")
+    parser.add_argument("--max-shard-mb", type=int, default=2048, help="split model.safetensors above this size")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlfm_scale.train.checkpoint import resolve
+
+    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint))
+    summary = export(ckpt_dir / tag, Path(args.out_dir), args.weights, args.dtype, args.max_shard_mb << 20,
+                     args.overwrite)
+    print(f"exported {ckpt_dir / tag} ({summary['weights']} weights, {summary['parameters']} parameters, "
+          f"{summary['model_bytes'] / 2**20:.1f} MiB {args.dtype}) to {args.out_dir} in {summary['seconds']:.1f} s: "
+          f"{', '.join(summary['files'])}; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return 0

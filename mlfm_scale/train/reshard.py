@@ -1,0 +1,175 @@
+"""Resume on another layout (data-, tensor-parallel size or ZeRO stage) through the layout-free checkpoint form.
+
+``write_universal(tag_dir)`` (``mlfm reshard CHECKPOINT``; done automatically on a resume whose layout differs)
+stores train/universal.py's per-parameter full tensors next to the checkpoint's files::
+
+    TAG/universal/{param,exp_avg,exp_avg_sq,ema}.safetensors   canonical name → full float32 tensor
+    TAG/universal/state.pt      client state (config, loader position, γ curve, counters, RNG), AdamW's step,
+                                the LR schedule and DeepSpeed's step counters
+    TAG/universal/checkpoint.json   sizes and sha256 of the above (verified before use)
+
+``load_resharded(engine, tag_dir)`` (collective) splits each parameter for this rank of the current layout and
+writes the weights, the fp32 master copy and both AdamW moments into the freshly built DeepSpeed engine
+(``deepspeed.utils.safe_set_full_*``; AdamW's lazily made state is created first), sets the step counts and
+the LR schedule (and the LR it reached), and returns the client state and this rank's EMA in the shape
+train/ema.py holds it. The loader position is global (samples consumed in the
+epoch, one canonical node), so the new data-parallel ranks continue the same sample stream.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mlfm_scale.train.checkpoint import MANIFEST, CheckpointError, describe, verify, write_manifest
+from mlfm_scale.train.universal import KINDS, CheckpointReader, canonical_name, load_file, split_tp, tp_partition
+
+UNIVERSAL = "universal"
+STATE = "state.pt"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def write_universal(tag_dir: Path, out: Path | None = None) -> Path:
+    """Write the layout-free form of the checkpoint ``tag_dir`` (verified first) to ``out`` (default
+    ``tag_dir/universal``), one kind at a time; returns ``out``."""
+    from safetensors.torch import save_file
+
+    out = out or tag_dir / UNIVERSAL
+    reader = CheckpointReader(tag_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    kinds = [k for k in KINDS if k != "ema" or reader.has_ema()]
+    for kind in kinds:
+        save_file({n: t.contiguous() for n, t in reader.read([kind])[kind].items()}, out / f"{kind}.safetensors")
+    states = reader.client_state()
+    client = {k: states[k] for k in ("state", "loader", "objective", "rng", "manifest_sha256", "config")}
+    torch.save({"client": client, "optimizer_step": reader.optimizer_step(), "lr_scheduler": states["lr_scheduler"],
+                "engine": {k: states[k] for k in ("global_steps", "global_samples", "skipped_steps")},
+                "source": {k: reader.info[k] for k in ("world_size", "tp", "pp", "dp", "zero_stage")}}, out / STATE)
+    names = [STATE, *(f"{k}.safetensors" for k in kinds)]
+    write_manifest(out, {"step": reader.info["step"], "universal_of": str(tag_dir)}, describe(out, names))
+    return out
+
+
+def layout_changed(info: dict, engine) -> bool:
+    """Whether the checkpoint described by ``info`` (its checkpoint.json) was written by another layout."""
+    from megatron.core import parallel_state as ps
+
+    now = (dist.get_world_size(), ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size(),
+           engine.zero_optimization_stage())
+    return (info.get("world_size"), info.get("tp"), info.get("dp"), info.get("zero_stage")) != now
+
+
+def _collective(fn) -> None:
+    """Run ``fn`` on rank 0; every rank raises the CheckpointError it raised."""
+    problem = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except CheckpointError as e:
+            problem = [str(e)]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise CheckpointError(problem[0])
+
+
+def _zero3_partition(local: torch.Tensor, size: int, rank: int) -> torch.Tensor:
+    """This rank's ZeRO-3 partition (``size`` elements, zero-padded at the end) of a TP-local tensor."""
+    flat = local.flatten()
+    part = torch.zeros(size, dtype=flat.dtype)
+    piece = flat[rank * size:(rank + 1) * size]
+    part[:piece.numel()] = piece
+    return part
+
+
+def _init_adamw_state(engine, step: int) -> None:
+    """Give every flat fp32 partition of a fresh engine's ``torch.optim.AdamW`` (which creates its state lazily,
+    at the first step) the state it has after ``step`` steps, as AdamW makes it; the moments are set later."""
+    inner = engine.optimizer.optimizer
+    if engine.zero_optimization_stage() == 3:  # ZeRO-3 hands the partitions to the optimizer only while stepping
+        tensors = engine.optimizer.fp32_partitioned_groups_flat
+    else:
+        tensors = [p for group in inner.param_groups for p in group["params"]]
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    for p in tensors:
+        state = inner.state[p]
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+        state.setdefault("exp_avg", torch.zeros_like(p))
+        state.setdefault("exp_avg_sq", torch.zeros_like(p))
+
+
+@torch.no_grad()
+def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
+    """Collective: load ``tag_dir`` (any layout) into ``engine`` (this layout); returns (client state, this rank's
+    own state ``{"ema": ...}``). Rank 0 writes ``tag_dir/universal`` first unless a verified one is there."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from megatron.core import parallel_state as ps
+    from safetensors import safe_open
+
+    universal = tag_dir / UNIVERSAL
+
+    def prepare() -> None:
+        try:
+            verify(universal)
+        except CheckpointError:
+            write_universal(tag_dir, universal)
+
+    _collective(prepare)
+    saved = load_file(universal / STATE)
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    dp_rank = ps.get_data_parallel_rank()
+    zero3 = engine.zero_optimization_stage() == 3
+    files = {k: safe_open(universal / f"{k}.safetensors", "pt") for k in KINDS
+             if (universal / f"{k}.safetensors").is_file()}
+    device = next(engine.module.parameters()).device
+
+    def local(kind: str, name: str) -> torch.Tensor:
+        c = canonical_name(name)
+        if c not in files[kind].keys():
+            raise CheckpointError(f"{tag_dir}: no {kind} for parameter {c} (trained with another model or "
+                                  "train.trainable?)")
+        return split_tp(files[kind].get_tensor(c), tp_partition(c), tp, tp_rank).to(device)
+
+    _init_adamw_state(engine, saved["optimizer_step"])
+    ema = {}
+    for name, p in engine.module.named_parameters():
+        weights = local("param", name)
+        if zero3:
+            p.ds_tensor.copy_(_zero3_partition(weights, p.ds_tensor.numel(), dp_rank))
+        else:
+            p.data.copy_(weights.view_as(p))
+        if not p.requires_grad:
+            continue
+        safe_set_full_fp32_param(p, weights)
+        for key in MOMENTS:
+            safe_set_full_optimizer_state(p, local(key, name), key)
+        if "ema" in files:
+            shadow = local("ema", name)
+            ema[name] = _zero3_partition(shadow, p.ds_tensor.numel(), dp_rank) if zero3 else shadow.view_as(p)
+    engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])  # its optimizer's groups keep their LR until set:
+    for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    for key, value in saved["engine"].items():
+        setattr(engine, key, value)
+    dist.barrier()
+    return saved["client"], {"ema": ema}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint tag directory (…/stepNNNNNNNN) or a checkpoint directory "
+                        "holding `latest`")
+    parser.add_argument("--out", default=None, help=f"where to write it (default: CHECKPOINT/{UNIVERSAL}, where a "
+                        "resume on another layout looks for it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlfm_scale.train.checkpoint import resolve
+
+    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint))
+    out = write_universal(ckpt_dir / tag, Path(args.out) if args.out else None)
+    print(f"wrote the layout-free form of {ckpt_dir / tag} to {out}; resume with any layout "
+          f"(train.resume={ckpt_dir / tag})")
+    return 0

@@ -1,0 +1,221 @@
+"""The layout-free form of a checkpoint: every parameter as one full tensor under one canonical name.
+
+A tag directory written by any supported layout (megatron TP × DeepSpeed ZeRO-1/2/3, pp = 1) is read back,
+without a process group, into ``{kind: {canonical name: full float32 tensor}}`` for the kinds
+
+    param        the fp32 master weights (frozen parameters: their weights)
+    exp_avg      AdamW's first moment        exp_avg_sq   its second moment
+    ema          the EMA of the trained weights (train/ema.py); frozen parameters: their weights
+
+Canonical names are the model's own without the engine's ``model.`` prefix and megatron's ``decoder.``
+nesting: ``embedding.weight`` [V_pad, d], ``gamma_embedding.*``, ``layers.{i}.*``, ``final_norm.weight``,
+``output_layer.weight`` [V_pad, d] (the vocabulary padding is part of the model, independent of TP).
+TP shards are merged along each parameter's partition dimension (:data:`TP_PARTITIONS`; SwiGLU's fc1 is split
+with stride 2: each rank holds [gate_r; up_r]); ZeRO shards are gathered over the data-parallel ranks.
+A pipeline layout plugs in by mapping its stage-local layer numbers to global ones in :func:`canonical_name`.
+
+Files are read one at a time (each dropped before the next), into one preallocated buffer per parameter,
+so the peak memory is about one copy of the requested kinds plus one file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlfm_scale.train.checkpoint import MANIFEST, CheckpointError, verify
+
+KINDS = ("param", "exp_avg", "exp_avg_sq", "ema")
+# canonical name pattern → (partition dim, stride) of megatron's tensor parallelism; others are replicated
+TP_PARTITIONS = (
+    (re.compile(r"^(embedding|output_layer)\.weight$"), 0, 1),  # vocab-parallel rows
+    (re.compile(r"\.self_attention\.linear_qkv\.weight$"), 0, 1),  # column parallel, heads contiguous
+    (re.compile(r"\.mlp\.linear_fc1\.weight$"), 0, 2),  # column parallel, gate and up halves each split
+    (re.compile(r"\.(self_attention\.linear_proj|mlp\.linear_fc2)\.weight$"), 1, 1),  # row parallel
+)
+
+
+def canonical_name(name: str) -> str:
+    """An engine / megatron parameter name → its canonical name (``model.decoder.layers.0.x`` → ``layers.0.x``)."""
+    name = name.removeprefix("model.")
+    return name.replace("decoder.layers.", "layers.", 1).replace("decoder.final_layernorm.", "final_norm.", 1)
+
+
+def tp_partition(name: str) -> tuple[int, int] | None:
+    """(dim, stride) along which TP splits the canonical parameter ``name``, or None when replicated."""
+    return next(((dim, stride) for pattern, dim, stride in TP_PARTITIONS if pattern.search(name)), None)
+
+
+def merge_tp(pieces: torch.Tensor, partition: tuple[int, int] | None) -> torch.Tensor:
+    """pieces [tp, *local shape] (rank order) → the full tensor; replicated: the first piece."""
+    if partition is None:
+        return pieces[0]
+    dim, stride = partition
+    if dim == 0 and stride == 1:
+        return pieces.reshape(-1, *pieces.shape[2:])  # a view: no copy
+    chunks = [p.chunk(stride, dim) for p in pieces.unbind(0)]
+    return torch.cat([torch.cat([c[i] for c in chunks], dim) for i in range(stride)], dim)
+
+
+def split_tp(full: torch.Tensor, partition: tuple[int, int] | None, tp: int, rank: int) -> torch.Tensor:
+    """The TP-local slice of ``full`` held by TP rank ``rank`` of ``tp`` (inverse of :func:`merge_tp`)."""
+    if partition is None or tp == 1:
+        return full
+    dim, stride = partition
+    if full.size(dim) % (tp * stride):
+        raise CheckpointError(f"a dimension of {full.size(dim)} cannot be split {tp} ways (stride {stride})")
+    return torch.cat([part.chunk(tp, dim)[rank] for part in full.chunk(stride, dim)], dim)
+
+
+def load_file(path: Path) -> dict:
+    """A DeepSpeed / our checkpoint file with ``torch.load(weights_only=True)``, allowing only the plain types
+    DeepSpeed and our client state store besides tensors (numpy RNG state, DeepSpeed's enums and loss scaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, fragment_address, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
+               type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class CheckpointReader:
+    """Reads one verified checkpoint tag directory of a TP × ZeRO layout into the layout-free form."""
+
+    def __init__(self, tag_dir: str | Path, check: bool = True):
+        self.tag_dir = Path(tag_dir)
+        self.info = verify(self.tag_dir) if check else json.loads((self.tag_dir / MANIFEST).read_text())
+        self.tp, self.dp, self.stage = self.info["tp"], self.info["dp"], self.info["zero_stage"]
+        if self.info.get("pp", 1) != 1:
+            raise CheckpointError(f"{self.tag_dir} is a pipeline checkpoint (pp={self.info['pp']}): export and "
+                                  "reshard read TP × ZeRO layouts (pp = 1) only so far")
+        if self.stage == 0:
+            raise CheckpointError(f"{self.tag_dir}: zero_stage 0 checkpoints are not supported; train with ZeRO ≥ 1")
+        self._states = self._model_states(0)
+        self.shapes = {canonical_name(n): s for group in self._states["param_shapes"] for n, s in group.items()}
+        self.frozen = {canonical_name(n): s for n, s in (self._frozen_shapes(self._states)).items()}
+
+    # ------------------------------------------------------------------------------------- files
+    def _model_states_path(self, tp_rank: int, dp_rank: int = 0) -> Path:
+        name = f"mp_rank_{tp_rank:02d}_model_states.pt"
+        return self.tag_dir / (f"zero_pp_rank_{dp_rank}_{name}" if self.stage == 3 else name)
+
+    def _model_states(self, tp_rank: int, dp_rank: int = 0) -> dict:
+        return load_file(self._model_states_path(tp_rank, dp_rank))
+
+    def _optim(self, tp_rank: int, dp_rank: int) -> dict:
+        return load_file(self.tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")[
+            "optimizer_state_dict"]
+
+    def _ema(self, tp_rank: int, dp_rank: int) -> dict:
+        return load_file(self.tag_dir / f"rank{dp_rank * self.tp + tp_rank:05d}.pt")["ema"]
+
+    def _frozen_shapes(self, states: dict) -> dict:
+        if self.stage == 3:
+            return dict(states.get("frozen_param_shapes") or {})
+        trained = {n for group in states["param_shapes"] for n in group}
+        return {n: t.shape for n, t in states["module"].items() if torch.is_tensor(t) and n not in trained}
+
+    def client_state(self) -> dict:
+        """Our client state (config, loader, objective, rng, counters) and DeepSpeed's engine counters."""
+        return self._states
+
+    def has_ema(self) -> bool:
+        """Whether the checkpoint carries EMA weights (``train.ema_decay`` runs always do)."""
+        return (self.tag_dir / "rank00000.pt").is_file() and bool(self._ema(0, 0))
+
+    # ------------------------------------------------------------------------------------- kinds
+    def optimizer_step(self) -> int:
+        """AdamW's step count (equal for every parameter; DeepSpeed keeps one per flat group)."""
+        state = self._optim(0, 0)
+        inner = state["optimizer_state_dict"] if self.stage == 3 else state["base_optimizer_state"]
+        return int(next(iter(inner["state"].values()))["step"])
+
+    def read(self, kinds: Iterable[str] = KINDS) -> dict[str, dict[str, torch.Tensor]]:
+        """``{kind: {canonical name: full float32 tensor}}`` for ``kinds`` (see the module docstring)."""
+        out = {}
+        for kind in kinds:
+            if kind not in KINDS:
+                raise ValueError(f"unknown kind {kind!r}: one of {KINDS}")
+            names = dict(self.shapes) | (self.frozen if kind in ("param", "ema") else {})
+            buffers = {n: torch.zeros(self.tp if tp_partition(n) else 1, *shape, dtype=torch.float32)
+                       for n, shape in names.items()}
+            for tp_rank in range(self.tp):
+                self._fill(kind, tp_rank, buffers)
+            out[kind] = {n: merge_tp(b, tp_partition(n)) for n, b in buffers.items()}
+        return out
+
+    def _fill(self, kind: str, tp_rank: int, buffers: dict[str, torch.Tensor]) -> None:
+        """Copy TP rank ``tp_rank``'s pieces of ``kind`` into ``buffers`` [tp or 1, *local shape]."""
+        def target(name: str) -> torch.Tensor | None:
+            if name not in buffers or (tp_rank > 0 and buffers[name].size(0) == 1):
+                return None  # absent, or a replicated parameter already taken from TP rank 0
+            return buffers[name][tp_rank if buffers[name].size(0) > 1 else 0].view(-1)
+
+        states = self._states if tp_rank == 0 else self._model_states(tp_rank)
+        trained = [(canonical_name(n), math.prod(s)) for g in states["param_shapes"] for n, s in g.items()]
+        if kind in ("param", "ema"):
+            self._fill_frozen(tp_rank, states, target)
+        if kind == "ema":
+            for dp_rank in range(self.dp if self.stage == 3 else 1):
+                ema = {canonical_name(n): t for n, t in self._ema(tp_rank, dp_rank).items()}
+                for name, numel in trained:
+                    if (dest := target(name)) is not None and name in ema:
+                        _place(dest, ema[name].flatten(), dp_rank, self.dp if self.stage == 3 else 1, numel)
+            return
+        for dp_rank in range(self.dp):
+            optim = self._optim(tp_rank, dp_rank)
+            if self.stage == 3:
+                inner = optim["optimizer_state_dict"]["state"]
+                groups = optim["fp32_flat_groups"] if kind == "param" else [inner[g][kind] for g in sorted(inner)]
+                flat, offset = torch.cat([g.flatten() for g in groups]), 0
+                for name, numel in trained:
+                    part = -(-numel // self.dp)
+                    if (dest := target(name)) is not None:
+                        _place(dest, flat[offset:offset + part], dp_rank, self.dp, numel)
+                    offset += part
+            else:
+                inner = optim["base_optimizer_state"]["state"]
+                groups = (optim["single_partition_of_fp32_groups"] if kind == "param"
+                          else [inner[g][kind] for g in sorted(inner)])
+                for g, shapes in enumerate(states["param_shapes"]):
+                    piece = groups[g].flatten()
+                    _place_range(piece, dp_rank * piece.numel(),
+                                 [(target(canonical_name(n)), math.prod(s)) for n, s in shapes.items()])
+
+    def _fill_frozen(self, tp_rank: int, states: dict, target) -> None:
+        if self.stage < 3:
+            for n, t in states["module"].items():
+                if canonical_name(n) in self.frozen and (dest := target(canonical_name(n))) is not None:
+                    dest.copy_(t.flatten())
+            return
+        for dp_rank in range(self.dp):
+            fragments = (states if dp_rank == 0 else self._model_states(tp_rank, dp_rank))["frozen_param_fragments"]
+            for n, t in fragments.items():
+                if (dest := target(canonical_name(n))) is not None:
+                    _place(dest, t.flatten(), dp_rank, self.dp, dest.numel())
+
+
+def _place(dest: torch.Tensor, part: torch.Tensor, rank: int, world: int, numel: int) -> None:
+    """Copy ZeRO-3 partition ``rank`` of ``world`` (ceil(numel / world) elements, the last padded) into ``dest``."""
+    size = -(-numel // world)
+    start = rank * size
+    count = max(0, min(size, numel - start))
+    dest[start:start + count].copy_(part[:count])
+
+
+def _place_range(piece: torch.Tensor, start: int, params: list[tuple[torch.Tensor | None, int]]) -> None:
+    """Copy the slice [start, start + len(piece)) of a ZeRO-1/2 flat group (parameters laid end to end in
+    ``params`` order: (destination or None, numel)) into the parameters it overlaps."""
+    end, offset = start + piece.numel(), 0
+    for dest, numel in params:
+        lo, hi = max(offset, start), min(offset + numel, end)
+        if dest is not None and lo < hi:
+            dest[lo - offset:hi - offset].copy_(piece[lo - start:hi - start])
+        offset += numel
