@@ -50,3 +50,94 @@ def trained_checkpoint() -> Path:
         "sample.validation.every=400")
     print(f"trained {TRAIN_STEPS} steps in {time.perf_counter() - started:.0f} s → {run_dir}")
     return run_dir / "checkpoints" / latest.read_text().strip()
+
+
+def exported_model() -> Path:
+    """The cached export (EMA weights) of the trained checkpoint."""
+    out = CACHE / "export"
+    if not (out / "config.json").is_file():
+        run("-m", "mlfm_scale.cli", "export", str(trained_checkpoint()), str(out), "--overwrite")
+    return out
+
+
+def measure(model, method: str, steps: int, samples: int, length: int) -> dict:
+    """Validity rate and NFE of ``samples`` unconditional and as many prompted samples."""
+    from mlfm_scale.config import SampleSection
+    from mlfm_scale.sample.sampler import generate
+    from mlfm_scale.sample.validation import score_sample, validation_prompts
+
+    tokenizer = model.tokenizer()
+    prompts = [""] * samples + validation_prompts(samples)
+    ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    cfg = SampleSection(method=method, steps=steps, length=length, stop_at_eos=False)
+    started = time.perf_counter()
+    out = generate(model, ids, cfg)
+    seconds = time.perf_counter() - started
+    texts = [tokenizer.decode(i + g, skip_special_tokens=True) for i, g in zip(ids, out.generated)]
+    scores = [score_sample(t, bool(p)) for t, p in zip(texts, prompts)]
+    valid = [v for v, _ in scores]
+    return {"method": method, "steps": steps, "valid_rate": sum(valid) / len(valid),
+            "valid_sentences": sum(r for _, r in scores) / len(scores),
+            "valid_rate_unconditional": sum(valid[:samples]) / samples,
+            "valid_rate_prompted": sum(valid[samples:]) / samples, "nfe": float(out.nfe.double().mean()),
+            "rounds": float(out.rounds.double().mean()), "seconds": seconds, "example": texts[samples]}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in zip(axes, ("valid_rate", "valid_sentences"), ("valid samples", "valid sentences")):
+        for method, name in (("mlfm", "MLFM promotion"), ("flow", "pure flow"), ("mdm", "MDM ancestral")):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["nfe"])
+            ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], "o-", label=name)
+            for r in mine:
+                ax.annotate(str(r["steps"]), (r["nfe"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample (NFE)")
+        ax.set_ylabel(f"{label} (synthetic corpus checker)")
+        ax.legend()
+    fig.suptitle("tiny MLFM on the synthetic corpus, one network, three samplers (labels: steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=16, help="unconditional samples, and as many prompted")
+    parser.add_argument("--length", type=int, default=48, help="tokens generated per sample")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 32, 256])
+    parser.add_argument("--methods", nargs="+", default=["mlfm", "flow", "mdm"])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampler_quality.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from mlfm_scale.inference import MLFMForInference
+
+    torch.set_num_threads(1)  # the tiny model gains nothing from a second thread on this shared machine
+    model = MLFMForInference.from_pretrained(exported_model())
+    rows = []
+    print(f"{'method':<6} {'steps':>5} {'NFE':>8} {'rounds':>7} {'valid':>6} {'uncond':>7} {'prompted':>8} "
+          f"{'sentences':>9} {'s':>7}")
+    for method in args.methods:
+        for steps in args.steps:
+            r = measure(model, method, steps, args.samples, args.length)
+            rows.append(r)
+            print(f"{method:<6} {steps:>5} {r['nfe']:>8.1f} {r['rounds']:>7.1f} {r['valid_rate']:>6.2f} "
+                  f"{r['valid_rate_unconditional']:>7.2f} {r['valid_rate_prompted']:>8.2f} {r['valid_sentences']:>9.2f} "
+                  f"{r['seconds']:>7.1f}",
+                  flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"samples": 2 * args.samples, "length": args.length, "rows": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ class ModelDenoiser:
 
     def __init__(self, model, vocab_size: int, mask_id: int, eos_id: int, pad_id: int, sigma: float, seq_len: int,
                  schedule: GammaSchedule):
-        if model.embedding_table().size(0) < vocab_size:
+        if model.config.tensor_model_parallel_size != 1:
             raise UserError("in-training sampling needs the whole vocabulary on one rank (parallel.tp=1); "
                             "sample from an export (mlfm sample --model) for tensor-parallel runs")
         self.model, self.schedule = model, schedule

@@ -53,7 +53,8 @@ def confidence(log_probs: Tensor, tokens: Tensor, kind: str = "prob") -> Tensor:
 def sample_and_score(logits: Tensor, temperature: float, top_p: float, banned: Tensor | None, kind: str,
                      generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """(tokens Long[...], confidence float32 [...]): Gumbel-max draws from the tempered nucleus of ``logits``
-    [..., V] without ``banned`` ids, scored by ``kind`` under that same distribution."""
-    log_probs = tempered_log_probs(logits, temperature, top_p, banned)
-    tokens = gumbel_max(log_probs, generator)
-    return tokens, confidence(log_probs, tokens, kind)
+    [..., V] without ``banned`` ids, scored by ``kind`` under the model's own distribution (softmax of the
+    logits without the banned ids, no temperature or nucleus): the temperature sharpens the draw, not the
+    confidence a promotion threshold is compared with."""
+    tokens = gumbel_max(tempered_log_probs(logits, temperature, top_p, banned), generator)
+    return tokens, confidence(tempered_log_probs(logits, 1.0, 1.0, banned), tokens, kind)

@@ -17,19 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.synth import NAMES, is_valid
+from data_prep.synth import NAMES, check, is_valid
 from mlfm_scale.config import Config
 from mlfm_scale.errors import UserError
 from mlfm_scale.sample.denoiser import ModelDenoiser
 from mlfm_scale.sample.sampler import generate
 
 
-def score_sample(text: str, prompted: bool) -> bool:
-    """Whether a sample obeys the synthetic corpus' rules. An unconditional sample may begin inside a document
-    (training blocks do), so its text up to the first full stop is not scored."""
+def score_sample(text: str, prompted: bool) -> tuple[bool, float]:
+    """(the sample obeys every rule of the synthetic corpus, the share of its complete sentences that do). An
+    unconditional sample may begin inside a document (training blocks do), so its text up to the first full
+    stop is not scored."""
     if not prompted:
         text = text.partition(".")[2]
-    return is_valid(text)
+    return is_valid(text), check(text).rate
 
 
 def validation_prompts(count: int) -> list[str]:
@@ -39,7 +40,8 @@ def validation_prompts(count: int) -> list[str]:
 
 class TrainingSamples:
     """``__call__(step)`` → metrics (rank 0; {} elsewhere): ``sample_valid_rate`` (all samples),
-    ``sample_valid_rate_unconditional``, ``sample_valid_rate_prompted``, ``sample_nfe`` (mean), ``sample_s``."""
+    ``sample_valid_rate_unconditional``, ``sample_valid_rate_prompted``, ``sample_valid_sentences`` (mean share
+    of valid sentences), ``sample_nfe`` (mean), ``sample_s``."""
 
     def __init__(self, cfg: Config, model: nn.Module, objective, manifest: dict, rank: int):
         """``model``: the training ``MLFMModel`` (its parameters may be ZeRO-3 partitions); ``objective``: the
@@ -93,11 +95,13 @@ class TrainingSamples:
         records = []
         for i, (prompt, tokens) in enumerate(zip(prompts, out.generated)):
             text = self.tokenizer.decode(ids[i] + tokens, skip_special_tokens=True)
+            valid, sentences = score_sample(text, bool(prompt))
             records.append({"step": step, "prompted": bool(prompt), "text": text, "nfe": int(out.nfe[i]),
-                            "valid": score_sample(text, bool(prompt))})
+                            "valid": valid, "valid_sentences": sentences})
         with self.log.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         valid = torch.tensor([r["valid"] for r in records], dtype=torch.float64)
+        sentences = sum(r["valid_sentences"] for r in records) / len(records)
         return {"sample_valid_rate": float(valid.mean()), "sample_valid_rate_unconditional": float(valid[:n].mean()),
-                "sample_valid_rate_prompted": float(valid[n:].mean()), "sample_nfe": float(out.nfe.double().mean()),
-                "sample_s": time.perf_counter() - started}
+                "sample_valid_rate_prompted": float(valid[n:].mean()), "sample_valid_sentences": sentences,
+                "sample_nfe": float(out.nfe.double().mean()), "sample_s": time.perf_counter() - started}

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from mlfm_scale.sample.tokens import confidence, gumbel_max, tempered_log_probs
+from mlfm_scale.sample.tokens import confidence, gumbel_max, sample_and_score, tempered_log_probs
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 
@@ -35,3 +35,10 @@ def test_confidence_scores():
     assert math.isclose(float(confidence(log_probs, token, "margin")), 0.2, rel_tol=1e-5)
     entropy = -float((PROBS * PROBS.log()).sum())
     assert math.isclose(float(confidence(log_probs, token, "neg_entropy")), -entropy, rel_tol=1e-6)
+
+
+def test_the_temperature_sharpens_the_draw_not_the_confidence():
+    logits = PROBS.log().expand(4000, -1)
+    tokens, score = sample_and_score(logits, 0.1, 1.0, torch.tensor([3]), "prob", torch.Generator().manual_seed(0))
+    assert (tokens == 0).float().mean() > 0.95  # p^10: the top token almost always
+    torch.testing.assert_close(score[tokens == 0], torch.full_like(score[tokens == 0], 0.5 / 0.95))

@@ -16,9 +16,9 @@ BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "mode
 
 def test_score_sample_skips_an_unconditional_leading_fragment_only():
     text = "ing from 3 : 3 4. Story of Mila. 2 plus 3 equals 5. The end of Mila's story."
-    assert score_sample(text, prompted=False) and not score_sample(text, prompted=True)
-    assert not score_sample("x. Story of Mila. The end of Omar's story.", prompted=False)
-    assert not score_sample("x. no full stop here", prompted=False)
+    assert score_sample(text, prompted=False) == (True, 1.0) and score_sample(text, prompted=True) == (False, 0.75)
+    assert score_sample("x. Story of Mila. The end of Omar's story.", prompted=False) == (False, 0.5)
+    assert score_sample("x. no full stop here", prompted=False) == (False, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_training_logs_sample_validity_without_disturbing_the_run(shards, tmp_pa
     logged = [r for r in rows if "sample_valid_rate" in r]
     assert [r["step"] for r in logged] == [2, 4]
     for r in logged:
-        assert 0.0 <= r["sample_valid_rate"] <= 1.0 and r["sample_nfe"] >= 3  # ≥ one round of 2 steps + 1
+        assert 0.0 <= r["sample_valid_rate"] <= r["sample_valid_sentences"] <= 1.0
+        assert r["sample_nfe"] >= 3  # at least one round of 2 steps + 1
     samples = [json.loads(line) for line in (tmp_path / "with" / "samples.jsonl").read_text().splitlines()]
     assert [(s["step"], s["prompted"]) for s in samples] == [(2, False)] * 2 + [(2, True)] * 2 + [
         (4, False)] * 2 + [(4, True)] * 2
