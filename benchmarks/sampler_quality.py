@@ -129,8 +129,8 @@ def main() -> None:
             r = measure(model, method, steps, args.samples, args.length)
             rows.append(r)
             print(f"{method:<6} {steps:>5} {r['nfe']:>8.1f} {r['rounds']:>7.1f} {r['valid_rate']:>6.2f} "
-                  f"{r['valid_rate_unconditional']:>7.2f} {r['valid_rate_prompted']:>8.2f} {r['valid_sentences']:>9.2f} "
-                  f"{r['seconds']:>7.1f}",
+                  f"{r['valid_rate_unconditional']:>7.2f} {r['valid_rate_prompted']:>8.2f} "
+                  f"{r['valid_sentences']:>9.2f} {r['seconds']:>7.1f}",
                   flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
