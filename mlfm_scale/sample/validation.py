@@ -17,20 +17,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_prep.synth import NAMES, check, is_valid
+from data_prep.synth import NAMES, check
 from mlfm_scale.config import Config
 from mlfm_scale.errors import UserError
 from mlfm_scale.sample.denoiser import ModelDenoiser
 from mlfm_scale.sample.sampler import generate
 
 
-def score_sample(text: str, prompted: bool) -> tuple[bool, float]:
-    """(the sample obeys every rule of the synthetic corpus, the share of its complete sentences that do). An
-    unconditional sample may begin inside a document (training blocks do), so its text up to the first full
-    stop is not scored."""
-    if not prompted:
+def score_sample(prompt: str, text: str) -> tuple[bool, float]:
+    """Score the complete sentences a sample wrote: those of ``text`` (prompt + generation) beyond the prompt's
+    own (a prompt's unfinished sentence counts as written). Returns (at least one such sentence and all obey
+    the synthetic corpus' rules, the share that do). An unconditional sample may begin inside a document
+    (training blocks do), so its text up to the first full stop is not scored."""
+    if not prompt:
         text = text.partition(".")[2]
-    return is_valid(text), check(text).rate
+    whole, given = check(text), check(prompt)
+    written, valid = whole.sentences - given.sentences, whole.valid - given.valid
+    return written > 0 and valid == written, valid / written if written else 0.0
 
 
 def validation_prompts(count: int) -> list[str]:
@@ -95,7 +98,7 @@ class TrainingSamples:
         records = []
         for i, (prompt, tokens) in enumerate(zip(prompts, out.generated)):
             text = self.tokenizer.decode(ids[i] + tokens, skip_special_tokens=True)
-            valid, sentences = score_sample(text, bool(prompt))
+            valid, sentences = score_sample(prompt, text)
             records.append({"step": step, "prompted": bool(prompt), "text": text, "nfe": int(out.nfe[i]),
                             "valid": valid, "valid_sentences": sentences})
         with self.log.open("a", encoding="utf-8") as f:

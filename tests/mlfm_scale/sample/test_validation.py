@@ -14,11 +14,17 @@ BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "mode
         "log.plot_every=100", "checkpoint.every=100"]
 
 
-def test_score_sample_skips_an_unconditional_leading_fragment_only():
+def test_score_sample_scores_what_the_sampler_wrote():
     text = "ing from 3 : 3 4. Story of Mila. 2 plus 3 equals 5. The end of Mila's story."
-    assert score_sample(text, prompted=False) == (True, 1.0) and score_sample(text, prompted=True) == (False, 0.75)
-    assert score_sample("x. Story of Mila. The end of Omar's story.", prompted=False) == (False, 0.5)
-    assert score_sample("x. no full stop here", prompted=False) == (False, 0.0)
+    assert score_sample("", text) == (True, 1.0)  # the leading fragment of an unconditional sample is skipped
+    assert score_sample("ing from 3 : 3", text) == (False, 0.75)  # ... but a prompted one is all scored
+    assert score_sample("", "x. Story of Mila. The end of Omar's story.") == (False, 0.5)
+    assert score_sample("", "x. no full stop here") == (False, 0.0)
+    prompt = "Story of Mila. Mila flew"
+    assert score_sample(prompt, prompt + " 12 3") == (False, 0.0)  # the prompt's own sentence earns nothing
+    assert score_sample(prompt, prompt + " from Rome to Oslo. 1 plus 1 equals 2.") == (False, 0.5)
+    assert score_sample(prompt, prompt + " from Santa Fe to Cape Town. The end of Mila's story.") == (True, 1.0)
+    assert score_sample(prompt, prompt + " from Santa Fe to Cape Town. The end of Omar's story.") == (False, 0.5)
 
 
 @pytest.fixture(scope="module")
