@@ -25,6 +25,9 @@ class SampleOutput:
 
 
 class SampleState:
+    """The samples being drawn: ids Long[b, s] (on the model's device), remaining Bool[b, s] (positions still to
+    decide), nfe and rounds Long[b] (CPU). Samplers decide positions only through :meth:`commit`."""
+
     def __init__(self, canvas: Canvas, eos_id: int, stop_at_eos: bool, history: bool = False,
                  progress: bool = False):
         self.canvas, self.eos_id, self.stop_at_eos = canvas, eos_id, stop_at_eos

@@ -5,11 +5,16 @@ from mlfm_scale.flow.schedules import ActiveGammaCurve, NormalGamma, UniformGamm
 from mlfm_scale.sample.grid import gamma_grid
 
 
-def test_grid_runs_from_the_99th_percentile_down_to_gamma_min():
+def test_grid_runs_from_the_99th_percentile_down_to_gamma_min_within_the_sampling_range():
     grid = gamma_grid(UniformGamma(-10.0, 6.0), 4, -6.0, 6.0)
-    # icdf at q = 0.99, 0.7425, 0.495, 0.2475 (−6.04, clamped), then γ_min
-    expected = torch.tensor([5.84, 1.88, -2.08, -6.0, -6.0], dtype=torch.float64)
+    # uniform restricted to [−6, 6]: icdf at q = 0.99, 0.7425, 0.495, 0.2475, then γ_min
+    expected = torch.tensor([5.88, 2.91, -0.06, -3.03, -6.0], dtype=torch.float64)
     torch.testing.assert_close(grid, expected, atol=1e-3, rtol=0)
+    wide = gamma_grid(NormalGamma(-2.5, 2.0, -10.0, 6.0), 64, -6.0, 6.0)
+    assert (wide.diff() < 0).all()  # no step spent on a repeated point
+    normal = NormalGamma(-2.5, 2.0, -10.0, 6.0)
+    torch.testing.assert_close(gamma_grid(normal, 4, -10.0, 6.0)[:4],
+                               normal.icdf(torch.linspace(0.99, 1e-6, 5, dtype=torch.float64))[:4])
 
 
 def test_grid_follows_the_learned_curve():
