@@ -22,6 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "sampler_quality"
 TRAIN_STEPS = 3000
 MODEL = ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352"]  # tiny.yaml, 4× wider/deeper
+# name → (label, sampler settings over the SampleSection defaults)
+SAMPLERS = {
+    "mlfm": ("MLFM promotion", {"method": "mlfm"}),
+    "flow": ("pure flow", {"method": "flow"}),
+    "mdm": ("MDM ancestral", {"method": "mdm"}),
+    "mlfm-g2": ("MLFM promotion, trajectories end at γ=2", {"method": "mlfm", "gamma_min": 2.0}),
+}
 sys.path.insert(0, str(REPO))
 
 
@@ -62,7 +69,7 @@ def exported_model() -> Path:
     return out
 
 
-def measure(model, method: str, steps: int, samples: int, length: int) -> dict:
+def measure(model, sampler: str, steps: int, samples: int, length: int) -> dict:
     """Validity rate and NFE of ``samples`` unconditional and as many prompted samples."""
     from mlfm_scale.config import SampleSection
     from mlfm_scale.sample.sampler import generate
@@ -71,14 +78,14 @@ def measure(model, method: str, steps: int, samples: int, length: int) -> dict:
     tokenizer = model.tokenizer()
     prompts = [""] * samples + validation_prompts(samples)
     ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-    cfg = SampleSection(method=method, steps=steps, length=length, stop_at_eos=False)
+    cfg = SampleSection(**SAMPLERS[sampler][1], steps=steps, length=length, stop_at_eos=False)
     started = time.perf_counter()
     out = generate(model, ids, cfg)
     seconds = time.perf_counter() - started
     texts = [tokenizer.decode(i + g, skip_special_tokens=True) for i, g in zip(ids, out.generated)]
     scores = [score_sample(p, t) for p, t in zip(prompts, texts)]
     valid = [v for v, _ in scores]
-    return {"method": method, "steps": steps, "valid_rate": sum(valid) / len(valid),
+    return {"sampler": sampler, "steps": steps, "valid_rate": sum(valid) / len(valid),
             "valid_sentences": sum(r for _, r in scores) / len(scores),
             "valid_rate_unconditional": sum(valid[:samples]) / samples,
             "valid_rate_prompted": sum(valid[samples:]) / samples, "nfe": float(out.nfe.double().mean()),
@@ -93,16 +100,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in zip(axes, ("valid_rate", "valid_sentences"), ("valid samples", "valid sentences")):
-        for method, name in (("mlfm", "MLFM promotion"), ("flow", "pure flow"), ("mdm", "MDM ancestral")):
-            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["nfe"])
+        for sampler, (name, _) in SAMPLERS.items():
+            mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
             ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], "o-", label=name)
             for r in mine:
                 ax.annotate(str(r["steps"]), (r["nfe"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.set_ylim(bottom=-0.02)
         ax.set_xlabel("network evaluations per sample (NFE)")
         ax.set_ylabel(f"{label} (synthetic corpus checker)")
         ax.legend()
-    fig.suptitle("tiny MLFM on the synthetic corpus, one network, three samplers (labels: steps)")
+    fig.suptitle("small MLFM on the synthetic corpus: one network, four samplers (point labels: steps)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,7 +121,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="unconditional samples, and as many prompted")
     parser.add_argument("--length", type=int, default=48, help="tokens generated per sample")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 32, 256])
-    parser.add_argument("--methods", nargs="+", default=["mlfm", "flow", "mdm"])
+    parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampler_quality.json"))
     args = parser.parse_args()
 
@@ -124,13 +132,13 @@ def main() -> None:
     torch.set_num_threads(1)  # the tiny model gains nothing from a second thread on this shared machine
     model = MLFMForInference.from_pretrained(exported_model())
     rows = []
-    print(f"{'method':<6} {'steps':>5} {'NFE':>8} {'rounds':>7} {'valid':>6} {'uncond':>7} {'prompted':>8} "
+    print(f"{'sampler':<7} {'steps':>5} {'NFE':>8} {'rounds':>7} {'valid':>6} {'uncond':>7} {'prompted':>8} "
           f"{'sentences':>9} {'s':>7}")
-    for method in args.methods:
+    for sampler in args.samplers:
         for steps in args.steps:
-            r = measure(model, method, steps, args.samples, args.length)
+            r = measure(model, sampler, steps, args.samples, args.length)
             rows.append(r)
-            print(f"{method:<6} {steps:>5} {r['nfe']:>8.1f} {r['rounds']:>7.1f} {r['valid_rate']:>6.2f} "
+            print(f"{sampler:<7} {steps:>5} {r['nfe']:>8.1f} {r['rounds']:>7.1f} {r['valid_rate']:>6.2f} "
                   f"{r['valid_rate_unconditional']:>7.2f} {r['valid_rate_prompted']:>8.2f} "
                   f"{r['valid_sentences']:>9.2f} {r['seconds']:>7.1f}",
                   flush=True)
