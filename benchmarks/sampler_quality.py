@@ -7,7 +7,8 @@ corpus and exports its EMA weights; both are cached under build/sampler_quality/
 each sampler and step count it draws ``--samples`` unconditional and as many prompted samples (``Story of NAME.``)
 of ``--length`` tokens with one seed and scores the sentences they wrote with the corpus checker
 (``data_prep.synth``): the share of valid samples and of valid sentences against the mean NFE per sample. Writes
-benchmarks/results/sampler_quality.json and .png (validity vs NFE) and prints the table.
+benchmarks/results/sampler_quality.json, the plot benchmarks/figures/sampler_quality.png (validity vs NFE) and
+prints the table.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ SAMPLERS = {
     "flow": ("pure flow", {"method": "flow"}),
     "mdm": ("MDM ancestral", {"method": "mdm"}),
     "mlfm-g2": ("MLFM promotion, trajectories end at γ=2", {"method": "mlfm", "gamma_min": 2.0}),
+    "mdm-t1": ("MDM ancestral, temperature 1", {"method": "mdm", "temperature": 1.0}),
 }
 sys.path.insert(0, str(REPO))
 
@@ -110,7 +112,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("network evaluations per sample (NFE)")
         ax.set_ylabel(f"{label} (synthetic corpus checker)")
         ax.legend()
-    fig.suptitle("small MLFM on the synthetic corpus: one network, four samplers (point labels: steps)")
+    fig.suptitle("small MLFM on the synthetic corpus: one network, five samplers (point labels: steps)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 32, 256])
     parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampler_quality.json"))
+    parser.add_argument("--plot", default=str(REPO / "benchmarks" / "figures" / "sampler_quality.png"))
     args = parser.parse_args()
 
     import torch
@@ -145,8 +148,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"samples": 2 * args.samples, "length": args.length, "rows": rows}, indent=1))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, Path(args.plot))
+    print(f"wrote {out} and {args.plot}")
 
 
 if __name__ == "__main__":
