@@ -87,17 +87,18 @@ def _zero3_partition(local: torch.Tensor, size: int, rank: int) -> torch.Tensor:
 def _init_adamw_state(engine, step: int) -> None:
     """Give every flat fp32 partition of a fresh engine's ``torch.optim.AdamW`` (which creates its state lazily,
     at the first step) the state it has after ``step`` steps, as AdamW makes it; the moments are set later."""
-    inner = engine.optimizer.optimizer
-    if engine.zero_optimization_stage() == 3:  # ZeRO-3 hands the partitions to the optimizer only while stepping
-        tensors = engine.optimizer.fp32_partitioned_groups_flat
-    else:
-        tensors = [p for group in inner.param_groups for p in group["params"]]
+    zero, inner = engine.optimizer, engine.optimizer.optimizer
+    zero3 = engine.zero_optimization_stage() == 3
+    # the flat fp32 partitions AdamW steps (ZeRO-3 hands them to it only while stepping)
+    tensors = zero.fp32_partitioned_groups_flat if zero3 else zero.single_partition_of_fp32_groups
     on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
     for p in tensors:
         state = inner.state[p]
         state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
         state.setdefault("exp_avg", torch.zeros_like(p))
         state.setdefault("exp_avg_sq", torch.zeros_like(p))
+    if not zero3:  # ZeRO-1/2 link each parameter to its state fragments after the first step (a pinned private API)
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 @torch.no_grad()

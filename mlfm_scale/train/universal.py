@@ -14,12 +14,12 @@ TP shards are merged along each parameter's partition dimension (:data:`TP_PARTI
 with stride 2: each rank holds [gate_r; up_r]); ZeRO shards are gathered over the data-parallel ranks.
 A pipeline layout plugs in by mapping its stage-local layer numbers to global ones in :func:`canonical_name`.
 
-Files are read one at a time (each dropped before the next), into one preallocated buffer per parameter,
-so the peak memory is about one copy of the requested kinds plus one file.
+Files are memory-mapped one at a time (each dropped before the next; only the tensors read are paged in) and
+copied into one preallocated buffer per parameter, so the peak memory is about one copy of the requested kinds
+plus one file.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlfm_scale.train.checkpoint import MANIFEST, CheckpointError, verify
+from mlfm_scale.train.checkpoint import CheckpointError, verify
 
 KINDS = ("param", "exp_avg", "exp_avg_sq", "ema")
 # canonical name pattern → (partition dim, stride) of megatron's tensor parallelism; others are replicated
@@ -73,24 +73,24 @@ def split_tp(full: torch.Tensor, partition: tuple[int, int] | None, tp: int, ran
 
 
 def load_file(path: Path) -> dict:
-    """A DeepSpeed / our checkpoint file with ``torch.load(weights_only=True)``, allowing only the plain types
-    DeepSpeed and our client state store besides tensors (numpy RNG state, DeepSpeed's enums and loss scaler)."""
+    """A DeepSpeed / our checkpoint file with ``torch.load(weights_only=True, mmap=True)``, allowing only the plain
+    types DeepSpeed and our client state store besides tensors (numpy RNG state, DeepSpeed's enums, loss scaler)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ZeroStageEnum, LossScaler, fragment_address, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
+    allowed = [ZeroStageEnum, LossScaler, fragment_address, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
                type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(allowed):  # memory-mapped: only the tensors read are paged in
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class CheckpointReader:
     """Reads one verified checkpoint tag directory of a TP × ZeRO layout into the layout-free form."""
 
-    def __init__(self, tag_dir: str | Path, check: bool = True):
+    def __init__(self, tag_dir: str | Path):
         self.tag_dir = Path(tag_dir)
-        self.info = verify(self.tag_dir) if check else json.loads((self.tag_dir / MANIFEST).read_text())
+        self.info = verify(self.tag_dir)  # every file's size and sha256: a damaged shard is refused, named
         self.tp, self.dp, self.stage = self.info["tp"], self.info["dp"], self.info["zero_stage"]
         if self.info.get("pp", 1) != 1:
             raise CheckpointError(f"{self.tag_dir} is a pipeline checkpoint (pp={self.info['pp']}): export and "
@@ -99,7 +99,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.tag_dir}: zero_stage 0 checkpoints are not supported; train with ZeRO ≥ 1")
         self._states = self._model_states(0)
         self.shapes = {canonical_name(n): s for group in self._states["param_shapes"] for n, s in group.items()}
-        self.frozen = {canonical_name(n): s for n, s in (self._frozen_shapes(self._states)).items()}
+        self.frozen = {canonical_name(n): s for n, s in self._frozen_shapes(self._states).items()}
 
     # ------------------------------------------------------------------------------------- files
     def _model_states_path(self, tp_rank: int, dp_rank: int = 0) -> Path:
@@ -148,7 +148,8 @@ class CheckpointReader:
                        for n, shape in names.items()}
             for tp_rank in range(self.tp):
                 self._fill(kind, tp_rank, buffers)
-            out[kind] = {n: merge_tp(b, tp_partition(n)) for n, b in buffers.items()}
+            # merged one by one, each buffer dropped as it is merged: at most one parameter is held twice
+            out[kind] = {n: merge_tp(buffers.pop(n), tp_partition(n)) for n in list(buffers)}
         return out
 
     def _fill(self, kind: str, tp_rank: int, buffers: dict[str, torch.Tensor]) -> None:
@@ -171,16 +172,17 @@ class CheckpointReader:
             return
         for dp_rank in range(self.dp):
             optim = self._optim(tp_rank, dp_rank)
-            if self.stage == 3:
+            if self.stage == 3:  # each rank's flat groups: every parameter's partition, end to end
                 inner = optim["optimizer_state_dict"]["state"]
                 groups = optim["fp32_flat_groups"] if kind == "param" else [inner[g][kind] for g in sorted(inner)]
-                flat, offset = torch.cat([g.flatten() for g in groups]), 0
-                for name, numel in trained:
-                    part = -(-numel // self.dp)
-                    if (dest := target(name)) is not None:
-                        _place(dest, flat[offset:offset + part], dp_rank, self.dp, numel)
-                    offset += part
-            else:
+                size = [-(-numel // self.dp) for _, numel in trained]
+                params = [(None if (dest := target(name)) is None else dest[dp_rank * n:(dp_rank + 1) * n], n)
+                          for (name, _), n in zip(trained, size)]
+                start = 0
+                for group in groups:  # sub-groups split at parameter boundaries: walk them as one sequence
+                    _place_range(group.flatten(), start, params)
+                    start += group.numel()
+            else:  # each group flat over all ranks, parameters end to end; a rank holds one contiguous slice
                 inner = optim["base_optimizer_state"]["state"]
                 groups = (optim["single_partition_of_fp32_groups"] if kind == "param"
                           else [inner[g][kind] for g in sorted(inner)])
@@ -188,6 +190,7 @@ class CheckpointReader:
                     piece = groups[g].flatten()
                     _place_range(piece, dp_rank * piece.numel(),
                                  [(target(canonical_name(n)), math.prod(s)) for n, s in shapes.items()])
+            del optim, inner, groups  # before the next file is loaded
 
     def _fill_frozen(self, tp_rank: int, states: dict, target) -> None:
         if self.stage < 3:
@@ -211,11 +214,15 @@ def _place(dest: torch.Tensor, part: torch.Tensor, rank: int, world: int, numel:
 
 
 def _place_range(piece: torch.Tensor, start: int, params: list[tuple[torch.Tensor | None, int]]) -> None:
-    """Copy the slice [start, start + len(piece)) of a ZeRO-1/2 flat group (parameters laid end to end in
-    ``params`` order: (destination or None, numel)) into the parameters it overlaps."""
+    """Copy the slice [start, start + len(piece)) of a flat sequence of parameters laid end to end (``params``:
+    (destination or None, numel) in order; a destination shorter than its numel drops the padding at its end)
+    into the destinations it overlaps."""
     end, offset = start + piece.numel(), 0
     for dest, numel in params:
-        lo, hi = max(offset, start), min(offset + numel, end)
-        if dest is not None and lo < hi:
-            dest[lo - offset:hi - offset].copy_(piece[lo - start:hi - start])
+        if dest is not None:
+            lo, hi = max(offset, start), min(offset + min(numel, dest.numel()), end)
+            if lo < hi:
+                dest[lo - offset:hi - offset].copy_(piece[lo - start:hi - start])
         offset += numel
+        if offset >= end:
+            break

@@ -18,16 +18,8 @@ BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4", "mode
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from data_prep.shards import prepare_shards
-    from data_prep.synth import write_synth_jsonl
-    from mlfm_scale.config import PrepSection
-
-    root = tmp_path_factory.mktemp("train-data")
-    write_synth_jsonl(root / "c.jsonl", 400, seed=2)
-    prepare_shards([root / "c.jsonl"], root / "data", PrepSection(vocab_size=300, val_fraction=0.1,
-                                                                 chunk_bytes=16384), 32, progress=False)
-    return root / "data"
+def shards(small_shards):
+    return small_shards  # tests/mlfm_scale/conftest.py: shared with the export and reshard tests
 
 
 def train(out, shards, nproc, *overrides, check=True):
@@ -50,11 +42,9 @@ def samples(out, rank):
 
 
 @pytest.fixture(scope="module")
-def dp2(tmp_path_factory, shards):
-    """The reference: TP=1 × DP=2, ZeRO-3, 8 steps, checkpoints at 4 and 8."""
-    out = tmp_path_factory.mktemp("dp2")
-    train(out, shards, 2)
-    return out
+def dp2(dp2_run):
+    """The reference: TP=1 × DP=2, ZeRO-3, 8 steps, checkpoints at 4 and 8 (shared with the reshard tests)."""
+    return dp2_run
 
 
 def test_zero3_two_ranks_trains_and_checkpoints(dp2):

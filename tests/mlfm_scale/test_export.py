@@ -1,0 +1,68 @@
+"""``mlfm export``: a TP=2 × ZeRO-3 checkpoint consolidated, loaded by the plain-PyTorch inference model, gives
+the training engine's logits; a tampered or truncated shard is refused."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from mlfm_scale.cli import main
+from mlfm_scale.export import export
+from mlfm_scale.inference import MLFMForInference
+from tests.distributed import run_distributed
+from tests.mlfm_scale.train.engine_worker import load_and_probe
+from tests.mlfm_scale.train.test_training import BASE
+
+pytestmark = pytest.mark.multiprocess
+
+
+def probe_inputs(d=32, vocab=300):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 32, d, generator=g)
+    return z, torch.tensor([-4.0, 1.5]), torch.tensor([[0] * 20 + [1] * 12, [0] * 32])
+
+
+def test_exported_model_gives_the_training_engines_logits(tp2_run, small_shards, tmp_path, capsys):
+    """Same weights, same inputs: the engine (megatron TP=2, ZeRO-3 gathering, vocab-parallel output) and the
+    exported model (one device, plain PyTorch) agree to float32 reduction-order noise (1e-5), for both the raw
+    and the EMA weights."""
+    tag = tp2_run / "checkpoints" / "step00000008"
+    assert main(["export", str(tp2_run / "checkpoints"), str(tmp_path / "ema")]) == 0  # the `latest` tag
+    assert "ema weights" in capsys.readouterr().out
+    summary = export(tag, tmp_path / "raw", weights="raw")
+    assert summary["parameters"] == sum(t.numel() for t in MLFMForInference.from_pretrained(tmp_path / "raw")
+                                        .state_dict().values())
+    probe = probe_inputs()
+    engine = run_distributed(load_and_probe, 2, [*BASE, f"data.root={small_shards}", "parallel.tp=2"], str(tag),
+                             probe)
+    for weights in ("raw", "ema"):
+        model = MLFMForInference.from_pretrained(tmp_path / weights)
+        logits = model(*probe)
+        assert logits.shape == engine[0][weights].shape == (2, 32, 300)
+        torch.testing.assert_close(logits, engine[0][weights], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(engine[0]["raw"], engine[0]["ema"])  # two different exports were compared
+
+    out = tmp_path / "ema"
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights"] == "ema" and config["source_checkpoint"] == str(tag) and config["vocab_size"] == 300
+    assert config["gamma_curve"]["knots"]["dtype"] == "float64" and config["mask_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["steps"] == 256
+    assert MLFMForInference.from_pretrained(out).tokenizer().get_vocab_size() == 300
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_export_refuses_a_damaged_shard(tp2_run, tmp_path, capsys, damage):
+    tag = tmp_path / "step00000008"
+    shutil.copytree(tp2_run / "checkpoints" / "step00000008", tag)
+    victim = tag / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        del data[-64:]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert main(["export", str(tag), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mlfm export: error: ") and "zero_pp_rank_0_mp_rank_01_optim_states.pt" in err
+    assert ("truncated" if damage == "truncate" else "does not match its sha256") in err
+    assert not (tmp_path / "out").exists()
