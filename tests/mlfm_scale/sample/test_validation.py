@@ -20,6 +20,15 @@ def test_score_sample_scores_what_the_sampler_wrote():
     assert score_sample(prompt, prompt + " from Santa Fe to Cape Town. The end of Omar's story.") == (False, 0.5)
 
 
+def test_in_training_samples_refuse_tensor_parallel_runs():
+    from mlfm_scale.config import Config
+    from mlfm_scale.errors import UserError
+    from mlfm_scale.sample.validation import TrainingSamples
+
+    with pytest.raises(UserError, match="needs parallel.tp=1"):
+        TrainingSamples(Config(parallel={"tp": 2}), model=None, objective=None, manifest={}, rank=0)
+
+
 @pytest.mark.multiprocess
 def test_training_logs_sample_validity_without_disturbing_the_run(small_shards, dp2_run, tmp_path):
     out = tmp_path / "sampled"
