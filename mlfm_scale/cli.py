@@ -26,13 +26,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("mlfm_scale.config_cli", "print a config resolved with its overrides, or say what is wrong"),
     "launch": ("launchers.cli", "submit pretrain (distill, eval as they land) or a pipeline to SLURM"),
     "jobs": ("launchers.jobs_cli", "this project's SLURM jobs: state and latest checkpoint step"),
+    "sample": ("mlfm_scale.sample.cli", "generate from an exported model: MLFM promotion, flow or MDM sampling"),
 }
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], rename: dict | None = None,
                     exclude: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of ``model`` but ``exclude`` (type, choices and help from the schema); defaults
-    stay unset so :func:`model_from_flags` can tell given flags from schema defaults."""
+    """One ``--flag`` per field of ``model`` but ``exclude`` (type, choices and help from the schema; nested
+    sections get none); defaults stay unset so :func:`model_from_flags` can tell given flags from schema defaults."""
     for name, info in model.model_fields.items():
         if name in exclude:
             continue
@@ -40,9 +41,11 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ren
         ann = info.annotation
         args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(ann, types.UnionType) else [ann]
         kind = args[0] if args else ann
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            continue
         help_text = f"{info.description or name} (default: {info.default})"
         if kind is bool:
-            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is Literal:
             parser.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None, help=help_text)
         else:

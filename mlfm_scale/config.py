@@ -212,18 +212,50 @@ class LogSection(Section):
     wandb_project: str = "mlfm-scale"
 
 
-class SampleSection(Section):
-    """Promotion sampler defaults (MLFM.md, Sampler)."""
+class SampleValidationSection(Section):
+    """Samples drawn during training (``mlfm_scale.sample.validation``): unconditional and prompted, scored by the
+    synthetic-corpus checker; ``every`` 0 turns them off."""
 
-    steps: int = Field(256, ge=1)
-    gamma_min: float = -6.0
-    gamma_max: float = 6.0
-    temperature: float = Field(0.1, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    threshold: float = 0.8
-    min_promote: int = Field(1, ge=1)
-    confidence: Literal["prob", "max_prob", "margin", "neg_entropy"] = "prob"
-    guidance_scale: float = 0.0
+    every: int = Field(0, ge=0, description="optimizer steps between validation samples (0: off)")
+    samples: int = Field(4, ge=1, description="unconditional samples, and as many prompted ones")
+    steps: int = Field(16, ge=1, description="SDE steps per promotion round (cheaper than generation)")
+    length: int = Field(48, ge=1, description="tokens generated per sample")
+
+
+class SampleSection(Section):
+    """Sampler defaults (MLFM.md, Sampler); written to an export's ``generation_config.json``."""
+
+    method: Literal["mlfm", "flow", "mdm"] = Field(
+        "mlfm", description="mlfm: SDE trajectories with online token promotion; flow: one trajectory, every "
+        "token decoded at its end; mdm: discrete ancestral unmasking with the same network")
+    steps: int = Field(256, ge=1, description="SDE steps per promotion round (mlfm, flow); unmasking steps (mdm)")
+    gamma_min: float = Field(-6.0, description="lowest γ of the sampling grid (its last point)")
+    gamma_max: float = Field(6.0, description="highest γ of the sampling grid")
+    length: int | None = Field(None, ge=1, description="tokens to generate per prompt (default: up to seq_len)")
+    temperature: float = Field(0.1, gt=0.0, description="Gumbel-max sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    threshold: float = Field(0.8, description="promote remaining positions whose confidence reaches this")
+    min_promote: int = Field(1, ge=1, description="promote at least this many positions per round")
+    confidence: Literal["prob", "max_prob", "margin", "neg_entropy"] = Field(
+        "prob", description="confidence score of a sampled token (neg_entropy is ≤ 0: use a threshold ≤ 0)")
+    eos_policy: Literal["joint", "eos_last"] = Field(
+        "joint", description="joint: EOS ranks with other tokens; eos_last: the forced min_promote picks prefer "
+        "non-EOS candidates")
+    stop_at_eos: bool = Field(True, description="a promoted EOS ends its sample: later positions become EOS")
+    guidance_scale: float = Field(0.0, description="classifier-free guidance scale s (0: off)")
+    guidance_mode: Literal["corrupt", "mask"] = Field(
+        "corrupt", description="unconditional pass: re-corrupt the prompt at the current t, or replace it by m")
+    guidance_target: Literal["velocity", "logits"] = Field(
+        "velocity", description="guide the velocity (v_c + s(v_c − v_u)) or the log-probabilities")
+    seed: int = Field(0, description="seed of the sampler's generator")
+    batch_size: int = Field(8, ge=1, description="prompts per batch (mlfm sample)")
+    validation: SampleValidationSection = SampleValidationSection()
+
+    @model_validator(mode="after")
+    def _gamma_range(self) -> SampleSection:
+        if self.gamma_min >= self.gamma_max:
+            raise ValueError(f"gamma_min {self.gamma_min} must be below gamma_max {self.gamma_max}")
+        return self
 
 
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")

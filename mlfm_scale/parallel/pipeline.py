@@ -161,6 +161,9 @@ def check_supported(cfg: Config) -> None:
     if cfg.objective.mse_weight > 0:
         raise UserError("objective.mse_weight > 0 needs the clean embeddings and the embedding table on the last "
                         "pipeline stage; with parallel.pp > 1 set objective.mse_weight=0 (or train with pp=1)")
+    if cfg.sample.validation.every:
+        raise UserError("sample.validation.every > 0 samples with the whole model on one rank; with parallel.pp > 1 "
+                        "set sample.validation.every=0 and sample from an export (`mlfm export`, `mlfm sample`)")
     if cfg.model.num_layers < cfg.parallel.pp:
         raise UserError(f"parallel.pp={cfg.parallel.pp} stages need at least as many layers "
                         f"(model.num_layers={cfg.model.num_layers})")

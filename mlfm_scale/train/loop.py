@@ -143,6 +143,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
     if "val" in manifest["splits"]:
         val = _first_batches(cfg, reader, device) if steps.reads_data else [None] * cfg.train.eval_batches
     logger = MetricsLogger(cfg, out_dir, enabled=rank == 0)
+    sampler = None  # samples scored by the synthetic corpus checker (needs parallel.tp=1)
+    if cfg.sample.validation.every:
+        from mlfm_scale.sample.validation import TrainingSamples
+
+        sampler = TrainingSamples(cfg, model, objective, manifest, rank)
 
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
     last_checkpoint = None
@@ -216,6 +221,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
             values = {"val_loss": steps.evaluate(val, val_seeds)}
             with ema.swapped():
                 values["val_loss_ema"] = steps.evaluate(val, val_seeds)
+            logger.log(state["step"], values)
+            logger.console(state["step"], cfg.train.steps, values, start_step)
+        if sampler is not None and state["step"] % cfg.sample.validation.every == 0:
+            with ema.swapped():
+                values = sampler(state["step"])
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
         preempted = stop is not None and stop.agreed(device) and state["step"] < cfg.train.steps

@@ -1,0 +1,69 @@
+"""What the sampler needs from a network, and the adapter that gives it a training-time megatron model.
+
+The sampler talks to a *denoiser*: the inference model (``mlfm_scale.inference.MLFMForInference``) already is
+one; :class:`ModelDenoiser` wraps the training network (``MLFMModel``, tensor-parallel size 1). Shapes: b rows,
+s positions, d embedding width, V the real vocabulary (no padding rows).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mlfm_scale.errors import UserError
+from mlfm_scale.flow.schedules import GammaSchedule
+
+
+class Denoiser(Protocol):
+    """``denoiser(z [b, s, d], γ [b], segment_ids [b, s] | None) → logits [b, s, V]`` plus the embedding space."""
+
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    sigma: float
+    vocab_size: int
+    seq_len: int
+
+    def __call__(self, z: Tensor, gamma: Tensor, segment_ids: Tensor | None = None) -> Tensor: ...
+
+    def embed(self, ids: Tensor) -> Tensor: ...
+
+    def mask_embedding(self) -> Tensor: ...
+
+    def embedding_table(self) -> Tensor: ...
+
+    def gamma_schedule(self) -> GammaSchedule: ...
+
+
+class ModelDenoiser:
+    """A training ``MLFMModel`` (tensor-parallel size 1: its logits and table hold the whole padded vocabulary)
+    as a :class:`Denoiser`; logits and table are cut to the real vocabulary."""
+
+    def __init__(self, model, vocab_size: int, mask_id: int, eos_id: int, pad_id: int, sigma: float, seq_len: int,
+                 schedule: GammaSchedule):
+        if model.config.tensor_model_parallel_size != 1:
+            raise UserError("in-training sampling needs the whole vocabulary on one rank (parallel.tp=1); "
+                            "sample from an export (mlfm sample --model) for tensor-parallel runs")
+        self.model, self.schedule = model, schedule
+        self.vocab_size, self.mask_id, self.eos_id, self.pad_id = vocab_size, mask_id, eos_id, pad_id
+        self.sigma, self.seq_len = sigma, seq_len
+
+    def __call__(self, z: Tensor, gamma: Tensor, segment_ids: Tensor | None = None) -> Tensor:
+        return self.model(z, gamma, segment_ids)[..., : self.vocab_size]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.model.embed(ids)
+
+    def mask_embedding(self) -> Tensor:
+        return self.model.mask_embedding(self.mask_id)
+
+    def embedding_table(self) -> Tensor:
+        return self.model.embedding_table()[: self.vocab_size]
+
+    def gamma_schedule(self) -> GammaSchedule:
+        return self.schedule
+
+
+def device_of(denoiser: Denoiser) -> torch.device:
+    return denoiser.embedding_table().device

@@ -1,0 +1,92 @@
+"""`mlfm sample` on a small export (a random network with a real tokenizer): JSONL out, defaults, errors."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from mlfm_scale.cli import main
+from mlfm_scale.config import Config, ModelSection, SampleSection
+from tests.mlfm_scale.sample.test_denoiser import CFG
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, process_group):
+    from data_prep.synth import synth_documents
+    from data_prep.tokenizer import ensure_special_tokens, train_bpe
+    from mlfm_scale.export import export_config, export_tensors, write_safetensors
+    from mlfm_scale.model.mlfm import MLFMModel
+    from mlfm_scale.train.universal import canonical_name
+
+    out = tmp_path_factory.mktemp("export")
+    tok = train_bpe(synth_documents(200), 300)
+    ids = ensure_special_tokens(tok)
+    tok.save(str(out / "tokenizer.json"))
+    vocab = tok.get_vocab_size()
+    torch.manual_seed(0)
+    model = MLFMModel(CFG, vocab)
+    full = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
+    write_safetensors(export_tensors(full, vocab), out, torch.float32, 1 << 30)
+    cfg = Config(model=ModelSection(**CFG.model_dump()), data={"seq_len": 32},
+                 sample=SampleSection(steps=3, length=6, temperature=1.0))
+    tokenizer = {"vocab_size": vocab, "mask_id": ids.mask, "eos_id": ids.eos, "pad_id": ids.pad}
+    (out / "config.json").write_text(json.dumps(export_config(cfg, tokenizer, None, out, "raw", "fp32")))
+    (out / "generation_config.json").write_text(json.dumps(cfg.sample.model_dump(mode="json")))
+    return out
+
+
+def sample(capsys, *args):
+    code = main(["sample", *args])
+    captured = capsys.readouterr()
+    return code, [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+
+def test_prompts_to_jsonl_with_export_defaults(export_dir, capsys):
+    code, lines, _ = sample(capsys, "--model", str(export_dir), "--prompt", "Story of Mila.", "--prompt", "",
+                            "--no-stop-at-eos")
+    assert code == 0 and [line["index"] for line in lines] == [0, 1]
+    for line in lines:
+        assert len(line["token_ids"]) == 6 and line["nfe"] == line["rounds"] * (3 + 1) and line["seconds"] > 0
+        assert isinstance(line["text"], str) and line["method"] == "mlfm" and line["steps"] == 3
+    assert lines[0]["prompt"] == "Story of Mila."
+    _, again, _ = sample(capsys, "--model", str(export_dir), "--prompt", "Story of Mila.", "--prompt", "",
+                         "--no-stop-at-eos")
+    assert again == [dict(line, seconds=a["seconds"]) for line, a in zip(lines, again)]  # same seed, same samples
+
+
+def test_prompts_file_flags_and_history(export_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"q": "Story of Omar."}\n\n{"q": "The capital of"}\n{"q": "12 plus"}\n')
+    out = tmp_path / "out.jsonl"
+    code, _, _ = sample(capsys, "--model", str(export_dir), "--prompts-file", str(prompts), "--prompt-field", "q",
+                        "--method", "mdm", "--steps", "2", "--length", "4", "--batch-size", "2", "--history",
+                        "--out", str(out))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 0 and [line["prompt"] for line in lines] == ["Story of Omar.", "The capital of", "12 plus"]
+    assert [line["batch_size"] for line in lines] == [2, 2, 1]
+    assert all(line["nfe"] <= 2 and line["method"] == "mdm" and line["history"] for line in lines)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "x", "--temperature", "0"], "temperature: Input should be greater than 0"),
+    (["--prompt", "x", "--length", "40"], "exceeds the model's seq_len 32"),
+    (["--prompts-file", "MISSING"], "prompts file not found"),
+    (["--unconditional", "0"], "--unconditional needs a positive count"),
+])
+def test_bad_arguments_are_clear_errors(export_dir, capsys, args, message):
+    code, _, err = sample(capsys, "--model", str(export_dir), *args)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_missing_export_and_bad_prompts_file(tmp_path, capsys, export_dir):
+    code, _, err = sample(capsys, "--model", str(tmp_path / "nothing"), "--prompt", "x")
+    assert code == 1 and "run `mlfm export CHECKPOINT" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json\n')
+    code, _, err = sample(capsys, "--model", str(export_dir), "--prompts-file", str(bad))
+    assert code == 1 and f"{bad}:2: malformed JSON" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    (broken / "generation_config.json").write_text(json.dumps({"steps": 0}))
+    code, _, err = sample(capsys, "--model", str(broken), "--prompt", "x")
+    assert code == 1 and "generation_config.json of the export" in err and "steps" in err
