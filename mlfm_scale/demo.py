@@ -2,7 +2,7 @@
 
 Synthesise the demo corpus → train its tokenizer and write streaming shards → pretrain the tiny MLFM with
 2-process ZeRO-3 on CPU (``--nproc``) → checkpoint → resume from the checkpoint for more steps → print the
-validation loss curve and where everything was written.
+validation loss curve → export the EMA weights → sample from the export → say where everything was written.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def _train(config: str, nproc: int, overrides: list[str]) -> None:
 
     if subprocess.call(torchrun_command(nproc, ["train", config, *overrides])):
         raise UserError("training failed (see above)")
+
+
+def _mlfm(*args: str) -> None:
+    if subprocess.call([sys.executable, "-m", "mlfm_scale.cli", *args]):
+        raise UserError(f"`mlfm {args[0]}` failed (see above)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +75,15 @@ def run(args: argparse.Namespace) -> int:
     if val[-1][1] >= val[0][1]:
         raise UserError(f"validation loss did not fall ({val[0][1]:.3f} → {val[-1][1]:.3f})")
     out = Path(cfg.out_dir)
+    export_dir, samples = out / "export", out / "demo_samples.jsonl"
+    print(f"[demo] phase 3: export the EMA weights of {ckpt_dir / 'latest'} → {export_dir}; sample 4 blocks")
+    _mlfm("export", str(ckpt_dir), str(export_dir), "--overwrite")
+    _mlfm("sample", "--model", str(export_dir), "--unconditional", "4", "--steps", "32", "--length", "48",
+          "--out", str(samples))
+    for line in samples.read_text().splitlines():
+        row = json.loads(line)
+        print(f"         [{row['nfe']} NFE] {row['text']!r}")
     print(f"[demo] done in {time.perf_counter() - started:.0f} s. Written under {out}/: corpus/, {cfg.data.root}/ "
           f"(shards, tokenizer, manifest), {cfg.checkpoint.dir}/ (sharded checkpoints, latest), metrics.jsonl, "
-          "loss.png, gamma.png")
+          "loss.png, gamma.png, export/ (safetensors, config, tokenizer), demo_samples.jsonl")
     return 0
