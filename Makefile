@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test cluster lint bench clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/mlfm demo
 
-test: install
+# the launcher tests submit jobs to a real local 2-node SLURM cluster: started here (idempotent; installs
+# slurm-wlm and munge when missing, needs root)
+cluster:
+	ops/local-slurm/up.sh
+
+test: install cluster
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -1,4 +1,4 @@
-"""`mlfm launch` / `mlfm jobs` on the real local SLURM cluster (ops/local-slurm/up.sh; .ci/run starts it).
+"""`mlfm launch` / `mlfm jobs` on the real local SLURM cluster (ops/local-slurm/up.sh; `make test` starts it).
 
 One set of jobs serves the end-to-end tests, submitted together so they overlap (each takes one core on each
 of the two nodes): A trains 60 steps on 2 nodes (one gloo rank per node) uninterrupted; B is the same run,
@@ -24,7 +24,7 @@ STEPS, MORE = 60, 80
 RUN = [*SMALL_MODEL, "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=20",
        "train.eval_batches=2", "log.every=1", "log.plot_every=1000", "checkpoint.every=20", "checkpoint.keep_last=5"]
 LAUNCH = [sys.executable, "-m", "mlfm_scale.cli", "launch"]
-UP = "start it with `ops/local-slurm/up.sh` (as root; .ci/run does)"
+UP = "start it with `ops/local-slurm/up.sh` (as root; `make test` does)"
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,9 @@ def test_in_training_samples_refuse_tensor_parallel_runs():
 
 
 @pytest.mark.multiprocess
-def test_training_logs_sample_validity_without_disturbing_the_run(small_shards, dp2_run, tmp_path):
+def test_training_logs_sample_validity_without_disturbing_the_run(shards, dp2_run, tmp_path):
     out = tmp_path / "sampled"
-    train(out, small_shards, 2, "sample.validation.every=4", "sample.validation.samples=2",
+    train(out, shards, 2, "sample.validation.every=4", "sample.validation.samples=2",
           "sample.validation.steps=2", "sample.validation.length=8")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "sample_valid_rate" in r]
