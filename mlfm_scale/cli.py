@@ -19,12 +19,12 @@ from mlfm_scale.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "corpus → tokenised, packed streaming shards; the synthetic demo corpus"),
-    "train": ("mlfm_scale.train.loop", "pretrain an MLFM from streaming shards (DeepSpeed ZeRO × megatron TP)"),
+    "train": ("mlfm_scale.train.loop", "pretrain an MLFM from shards (megatron TP × DeepSpeed ZeRO, or × pipeline)"),
     "export": ("mlfm_scale.export", "consolidate a sharded checkpoint into one model for inference (safetensors)"),
     "reshard": ("mlfm_scale.train.reshard", "write a checkpoint's layout-free form (resume on another layout)"),
     "demo": ("mlfm_scale.demo", "the main job on the embedded default (no downloads)"),
     "config": ("mlfm_scale.config_cli", "print a config resolved with its overrides, or say what is wrong"),
-    "launch": ("launchers.cli", "submit pretrain (distill, eval as they land) or a pipeline to SLURM"),
+    "launch": ("launchers.cli", "submit pretrain or export (distill, eval as they land), or a chain of them, to SLURM"),
     "jobs": ("launchers.jobs_cli", "this project's SLURM jobs: state and latest checkpoint step"),
     "sample": ("mlfm_scale.sample.cli", "generate from an exported model: MLFM promotion, flow or MDM sampling"),
 }
