@@ -3,8 +3,9 @@
     python ops/gpu_check.py [--steps 30]
 
 1. flash-attn varlen vs torch SDPA in bf16 on packed documents (our CoreAttention through both backends);
-2. the MLFM forward/backward in bf16 with flash attention against fp32 SDPA (relative error);
-3. `mlfm train` on the tiny preset with NCCL, bf16 and flash attention for a few steps, then resume;
+2. `mlfm train` on the tiny preset with NCCL, bf16 and flash attention for a few steps, then resume;
+3. `mlfm export` of that run, the inference model in bf16 on the GPU against fp32 on the CPU (logits), and
+   `mlfm sample` on the GPU;
 prints one JSON line per check and exits non-zero on the first failure.
 """
 from __future__ import annotations
@@ -39,23 +40,48 @@ def check_attention() -> dict:
     return {"check": "attention", "max_abs_error": err}
 
 
-def check_train(steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-                "mlfm_scale.cli", "train", "configs/tiny.yaml", f"out_dir={tmp}", "train.dtype=bf16",
-                "model.attention=flash", "log.every=5", "train.eval_every=10", "checkpoint.every=10"]
-        subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "prep", "synth", f"{tmp}/c.jsonl",
-                        "--documents", "3000"], check=True, cwd=REPO)
-        subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "prep", "corpus", f"{tmp}/c.jsonl", "--out",
-                        f"{tmp}/data", "--seq-len", "128", "--train-tokenizer", "512", "--no-progress"],
-                       check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-        subprocess.run([*base, f"train.steps={steps}"], check=True, cwd=REPO)
-        subprocess.run([*base, f"train.steps={steps + 10}", "train.resume=auto"], check=True, cwd=REPO)
-        rows = [json.loads(line) for line in Path(tmp, "metrics.jsonl").read_text().splitlines()]
+def check_train(steps: int, tmp: str) -> dict:
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+            "mlfm_scale.cli", "train", "configs/tiny.yaml", f"out_dir={tmp}", "train.dtype=bf16",
+            "model.attention=flash", "log.every=5", "train.eval_every=10", "checkpoint.every=10"]
+    subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "prep", "synth", f"{tmp}/c.jsonl",
+                    "--documents", "3000"], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "prep", "corpus", f"{tmp}/c.jsonl", "--out",
+                    f"{tmp}/data", "--seq-len", "128", "--train-tokenizer", "512", "--no-progress"],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run([*base, f"train.steps={steps}"], check=True, cwd=REPO)
+    subprocess.run([*base, f"train.steps={steps + 10}", "train.resume=auto"], check=True, cwd=REPO)
+    rows = [json.loads(line) for line in Path(tmp, "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0], losses
     return {"check": "train_bf16_flash_nccl", "first_loss": losses[0], "last_loss": losses[-1],
             "tokens_per_s": [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-1]}
+
+
+def check_export_and_sample(tmp: str) -> dict:
+    import torch
+
+    from mlfm_scale.inference import MLFMForInference
+
+    subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "export", f"{tmp}/checkpoints", f"{tmp}/export"],
+                   check=True, cwd=REPO)
+    cpu = MLFMForInference.from_pretrained(f"{tmp}/export", device="cpu", dtype=torch.float32)
+    gpu = MLFMForInference.from_pretrained(f"{tmp}/export", device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 128, cpu.embedding_table().size(1), generator=g)
+    gamma, segments = torch.tensor([-3.0, 2.0]), torch.tensor([[0] * 70 + [1] * 58, [0] * 128])
+    ref = cpu(z, gamma, segments)
+    got = gpu(z.cuda(), gamma.cuda(), segments.cuda()).float().cpu()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree > 0.95, f"bf16 GPU and fp32 CPU logits agree on the argmax at only {agree:.3f} of positions"
+    out = subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "sample", "--model", f"{tmp}/export",
+                          "--unconditional", "4", "--steps", "32", "--device", "cuda", "--dtype", "bf16"],
+                         check=True, cwd=REPO, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 4 and all(r["token_ids"] for r in rows), out
+    return {"check": "export_inference_sample_bf16", "argmax_agreement": agree,
+            "max_abs_logit_error": (got - ref).abs().max().item(), "sample_nfe": rows[0]["nfe"],
+            "sample_seconds": rows[0]["seconds"]}
 
 
 def main() -> None:
@@ -65,8 +91,10 @@ def main() -> None:
     import torch
 
     assert torch.cuda.is_available(), "no CUDA device"
-    for result in (check_attention(), check_train(args.steps)):
-        print(json.dumps(result), flush=True)
+    print(json.dumps(check_attention()), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(check_train(args.steps, tmp)), flush=True)
+        print(json.dumps(check_export_and_sample(tmp)), flush=True)
 
 
 if __name__ == "__main__":
