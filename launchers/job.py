@@ -1,9 +1,10 @@
 """What every task of a submitted job runs (submitit pickles a :class:`Job` and calls it in each task).
 
-Rendezvous from SLURM → the kind's entry point → for a preemptible kind, SLURM's warning signal (USR2, sent
-``signal_delay_s`` before the time limit, or by ``scancel --signal=USR2``) sets a stop request instead of
-submitit's handler; the entry point checkpoints at the next step boundary and returns, and only then does
-rank 0 requeue the job (``scontrol requeue``). The requeued job runs this again and resumes from ``latest``.
+Rendezvous from SLURM → the kind's entry point → for a preemptible kind, USR2 (sent by SLURM
+``signal_delay_s`` before the time limit, or by ``scancel --signal=USR2``, e.g. from a site's preemption hook)
+sets a stop request instead of submitit's handler; the entry point checkpoints at the next step boundary and
+returns, and only then does rank 0 requeue the job (``scontrol requeue``). The requeued job runs this again
+and resumes from ``latest``.
 """
 from __future__ import annotations
 
@@ -63,4 +64,9 @@ class Job:
         if rank == 0:
             print(f"[mlfm launch] stopped at step {step} with checkpoint {summary['last_checkpoint']}; requeueing "
                   f"job {job_id} (requeue {restarts + 1} of at most {self.max_requeues})", flush=True)
-            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+            try:
+                subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True,
+                               timeout=60)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise UserError(f"job {job_id} stopped at step {step} with checkpoint {summary['last_checkpoint']}, "
+                                f"but `scontrol requeue {job_id}` failed ({e}); launch it again to resume") from None

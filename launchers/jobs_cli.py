@@ -21,8 +21,11 @@ def ended_state(record: dict) -> str:
     result = JobPaths(record["folder"], job_id=record["job_id"], task_id=0).result_pickle
     if not result.is_file():
         return "UNKNOWN"
-    with result.open("rb") as f:
-        outcome, _ = pickle.load(f)
+    try:
+        with result.open("rb") as f:
+            outcome, _ = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, ValueError):
+        return "UNKNOWN"
     return "COMPLETED" if outcome == "success" else "FAILED"
 
 
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     states = slurm.queue_states() if shutil.which("squeue") else {}
     print(f"{'JOBID':>8}  {'KIND':<9} {'NAME':<12} {'STATE':<11} {'REASON':<16} {'NODES':>5}  {'LATEST':>7}  OUT_DIR")
     for job in jobs:
-        state, reason = states.get(job["job_id"], (ended_state(job), ""))
+        state, reason = states[job["job_id"]] if job["job_id"] in states else (ended_state(job), "")
         reason = "" if reason == "None" else reason
         step = latest_step(job)
         print(f"{job['job_id']:>8}  {job['kind']:<9} {job['name']:<12} {state:<11} {reason:<16} {job['nodes']:>5}  "

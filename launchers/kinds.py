@@ -21,6 +21,7 @@ class JobKind:
     entry: str  # "module:function"
     help: str
     preemptible: bool = False
+    single_task: bool = False  # runs on one task whatever the launch asks (e.g. export after a multi-node run)
 
     def load(self) -> Callable:
         module, _, function = self.entry.partition(":")
@@ -44,7 +45,8 @@ def get(name: str) -> JobKind:
 register(JobKind("pretrain", "mlfm_scale.train.loop:train", "pretrain an MLFM (what `mlfm train` runs)",
                  preemptible=True))
 register(JobKind("export", "mlfm_scale.export:export_latest",
-                 "consolidate the run's latest checkpoint into out_dir/export (what `mlfm export` writes)"))
+                 "consolidate the run's latest checkpoint into out_dir/export (what `mlfm export` writes)",
+                 single_task=True))
 # distill and eval: one register(...) line each when their entry points land.
 
 # `mlfm launch pipeline` submits the registered ones of these in order, each after the previous succeeded.

@@ -68,6 +68,9 @@ def submit(kind: JobKind, cfg: Config, launch: LaunchSection, after: list[str], 
     placeholder id for the next job of a chain)."""
     import submitit
 
+    if kind.single_task:
+        one = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": min(launch.gpus_per_node, 1)}
+        launch = launch.model_copy(update=one)
     cfg = job_config(kind, cfg, launch)
     params = sbatch_parameters(launch, f"mlfm-{kind.name}-{cfg.name}", after)
     if dry_run:

@@ -87,7 +87,7 @@ class ModelSection(Section):
     num_heads: int = Field(4, ge=1)
     ffn_hidden_size: int = Field(176, ge=8)  # SwiGLU inner width
     vocab_size: int | None = None  # None → taken from the data manifest (incl. the mask token)
-    time_embed_dim: int = Field(256, ge=2)  # sinusoidal width of the γ embedding
+    time_embed_dim: int = Field(256, ge=2, multiple_of=2)  # sinusoidal width of the γ embedding (cos | sin)
     time_hidden_size: int = Field(512, ge=1)  # width of the γ-embedding MLP
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -294,7 +294,8 @@ class LaunchSection(Section):
     account: str | None = Field(None, description="account to charge")
     qos: str | None = Field(None, description="quality of service")
     constraint: str | None = Field(None, description="node features, sbatch --constraint")
-    max_requeues: int = Field(3, ge=0, description="times a preempted or timed-out job requeues itself")
+    max_requeues: int = Field(3, ge=0, description="times a job stopped by USR2 (the time limit, scancel --signal) "
+                                                   "requeues itself")
     signal_delay_s: int = Field(120, ge=10, description="seconds before the time limit that SLURM signals "
                                                          "the job to checkpoint and requeue")
     setup: list[str] = Field([], description="shell lines run before the tasks start (module load, exports)")

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
-from mlfm_scale.config import Config
+from mlfm_scale.config import Config, ConfigError, explain
 from mlfm_scale.errors import UserError
 from mlfm_scale.inference.model import (
     CONFIG,
@@ -100,7 +101,11 @@ def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: s
         raise UserError(f"{out_dir} is not empty: choose another OUT_DIR or pass --overwrite")
     reader = CheckpointReader(checkpoint)
     client = reader.client_state()
-    cfg = Config.model_validate(client["config"])
+    try:
+        cfg = Config.model_validate(client["config"])
+    except ValidationError as e:
+        raise ConfigError(f"{checkpoint}: its stored config does not fit this version's schema ({explain(e)}); "
+                          "export it with the mlfm-scale version that trained it") from None
     tokenizer, tokenizer_file = tokenizer_of(cfg, client["manifest_sha256"])
     weights = weights or ("ema" if reader.has_ema() else "raw")
     if weights == "ema" and not reader.has_ema():
@@ -111,6 +116,8 @@ def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: s
     tensors = export_tensors(full, config["vocab_size"])
     del full
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [out_dir / WEIGHTS, out_dir / WEIGHTS_INDEX, *out_dir.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # an earlier export's weights must not outlive --overwrite
     files = write_safetensors(tensors, out_dir, DTYPES[dtype], max_shard_bytes)
     (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
     (out_dir / GENERATION_CONFIG).write_text(json.dumps(cfg.sample.model_dump(mode="json"), indent=1))
@@ -152,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlfm_scale.train.checkpoint import resolve
 
-    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint))
+    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint), what="CHECKPOINT")
     summary = export(ckpt_dir / tag, Path(args.out_dir), args.weights, args.dtype, args.max_shard_mb << 20,
                      args.overwrite)
     print(f"exported {ckpt_dir / tag} ({summary['weights']} weights, {summary['parameters']} parameters, "

@@ -171,14 +171,16 @@ class TrainData:
         return self
 
     def __next__(self) -> dict:
-        fresh = False
+        empty = 0  # fresh epochs that yielded nothing: one is a position saved at an epoch's end, two is no data
         while True:
-            if self._iter is None:
-                self._iter, fresh = iter(self.loader), True
+            fresh = self._iter is None
+            if fresh:
+                self._iter = iter(self.loader)
             try:
                 return next(self._iter)
             except StopIteration:
-                if fresh:
+                empty = empty + 1 if fresh else 0
+                if empty >= 2:
                     raise UserError(f"split {self.split!r} has fewer samples per data-parallel rank than "
                                     "train.micro_batch_size: prepare more data or use smaller batches") from None
                 self._iter = None  # next epoch

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
-from mlfm_scale.config import ModelSection, ObjectiveSection
+from mlfm_scale.config import ModelSection, ObjectiveSection, explain
 from mlfm_scale.errors import UserError
 from mlfm_scale.flow.schedules import GammaSchedule, active_curve_for, gamma_schedule_for
 from mlfm_scale.model.common import GammaEmbedding, rope_frequencies, segment_starts_and_positions
@@ -110,9 +111,14 @@ class MLFMForInference(nn.Module):
         export_dir = Path(export_dir)
         if not (export_dir / CONFIG).is_file():
             raise UserError(f"{export_dir} has no {CONFIG}: not an `mlfm export` directory")
-        config = json.loads((export_dir / CONFIG).read_text())
-        with torch.device("meta"):
-            model = cls(config, export_dir)
+        try:
+            config = json.loads((export_dir / CONFIG).read_text())
+            with torch.device("meta"):
+                model = cls(config, export_dir)
+        except (json.JSONDecodeError, KeyError, ValidationError) as e:
+            what = explain(e) if isinstance(e, ValidationError) else f"{type(e).__name__}: {e}"
+            raise UserError(f"{export_dir / CONFIG} is not a config this version reads ({what}); re-export the "
+                            "checkpoint with this version of `mlfm export`") from None
         model.load_state_dict(read_weights(export_dir), strict=True, assign=True)
         generation = export_dir / GENERATION_CONFIG
         model.generation_config = json.loads(generation.read_text()) if generation.is_file() else {}

@@ -133,6 +133,8 @@ class OutputStage(nn.Module):
         self.diagnostics: list[dict[str, torch.Tensor]] = []
 
     def vocab_outputs(self, logits: torch.Tensor, targets: torch.Tensor, posterior_mean: bool = False) -> VocabOutputs:
+        if posterior_mean:  # check_supported refuses the x̂0 term under a pipeline
+            raise UserError("x̂0 needs the embedding table, which the last pipeline stage does not hold")
         return vocab_parallel_outputs(logits, targets, self.vocab_start, None)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -170,13 +172,13 @@ def check_supported(cfg: Config) -> None:
 
 
 def build_pipeline(cfg: Config, vocab_size: int, dtype: torch.dtype, backend: str, objective, sft: bool):
-    """The ``PipelineModule`` over megatron's groups: DeepSpeed's topology (pipe, data, model) numbers ranks
-    as megatron's tp-cp-ep-dp-pp order does; checked here, because a mismatch would silently mix shards."""
+    """The ``PipelineModule`` over megatron's groups (after :func:`check_supported`): DeepSpeed's topology (pipe,
+    data, model) numbers ranks as megatron's tp-cp-ep-dp-pp order does; checked here, because a mismatch would
+    silently mix shards."""
     import deepspeed
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    check_supported(cfg)
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing process group
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dist.get_world_size() // (tp * pp))

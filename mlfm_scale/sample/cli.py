@@ -78,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if not (export / "config.json").is_file():
         raise UserError(f"no exported model at {export} (config.json missing): run `mlfm export CHECKPOINT {export}`")
     prompts = read_prompts(args)
-    model_from_flags(args, SampleSection)  # bad flag values fail before the model loads
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UserError(f"--out {args.out}: directory {Path(args.out).parent} does not exist")
+    generation = export / "generation_config.json"  # bad flag values fail before the model loads
+    cfg = sampler_options(json.loads(generation.read_text()) if generation.is_file() else {}, args)
 
     import torch
 
@@ -87,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
     model = MLFMForInference.from_pretrained(export, device=args.device, dtype=dtype)
-    cfg = sampler_options(model.generation_config, args)
     tokenizer = model.tokenizer()
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     out = Path(args.out).open("w", encoding="utf-8") if args.out else sys.stdout

@@ -1,6 +1,6 @@
 """Sharded checkpoints: DeepSpeed's files plus ours, verified by a manifest, published by ``latest``.
 
-    CKPT_DIR/step00000100/   DeepSpeed model/optimizer shards, client state, ema_rankNNNNN.pt
+    CKPT_DIR/step00000100/   DeepSpeed model/optimizer shards, client state, rankNNNNN.pt (each rank's EMA)
     CKPT_DIR/step00000100/checkpoint.json   every file with its size and sha256 (written last)
     CKPT_DIR/latest          the newest complete tag, replaced atomically after every rank finished
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from mlfm_scale.errors import UserError
 
 MANIFEST = "checkpoint.json"
+UNIVERSAL = "universal"  # a tag's layout-free form (train/reshard.py)
 LATEST = "latest"
 TAG = re.compile(r"^step(\d{8})$")
 
@@ -50,8 +51,9 @@ def _sha256(path: Path) -> str:
 
 
 def size(tag_dir: Path) -> int:
-    """Bytes of every file of a checkpoint."""
-    return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+    """Bytes of a checkpoint's own files (not of a layout-free form written beside them)."""
+    return sum(p.stat().st_size for p in tag_dir.rglob("*")
+               if p.is_file() and UNIVERSAL not in p.relative_to(tag_dir).parts)
 
 
 def write_manifest(tag_dir: Path, info: dict, files: dict[str, dict]) -> None:
@@ -95,9 +97,9 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
-    """(checkpoint directory, tag) for ``train.resume``: "auto" → ``latest`` if any (else None); a tag
-    directory path; or a checkpoint directory holding ``latest``."""
+def resolve(resume: str, ckpt_dir: Path, what: str = "train.resume") -> tuple[Path, str] | None:
+    """(checkpoint directory, tag) for ``train.resume`` (or another argument, named ``what`` in errors): "auto" →
+    ``latest`` if any (else None); a tag directory path; or a checkpoint directory holding ``latest``."""
     if resume == "auto":
         tag = latest_tag(ckpt_dir)
         return None if tag is None else (ckpt_dir, tag)
@@ -106,7 +108,7 @@ def resolve(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
         return path.parent, path.name
     tag = latest_tag(path)
     if tag is None:
-        raise CheckpointError(f"train.resume={resume!r}: no checkpoint there (neither a stepNNNNNNNN directory "
+        raise CheckpointError(f"{what}={resume!r}: no checkpoint there (neither a stepNNNNNNNN directory "
                               f"nor a directory with a {LATEST!r} file)")
     return path, tag
 
@@ -154,20 +156,28 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     return tag
 
 
+def on_rank0(fn) -> None:
+    """Collective: run ``fn`` on rank 0 only; whatever it raises is raised on every rank (as a CheckpointError
+    naming the original error), so no rank is left waiting in a later collective."""
+    problem = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except CheckpointError as e:
+            problem = [str(e)]
+        except Exception as e:  # noqa: BLE001 — every rank must learn of it
+            problem = [f"{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise CheckpointError(problem[0])
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict, dict]:
     """Collective: (client state, this rank's own state, checkpoint info) after verifying the files on rank 0;
     a checkpoint of another layout is resharded for this one (train/reshard.py)."""
     import torch
 
-    problem = [None]
-    if dist.get_rank() == 0:
-        try:
-            verify(ckpt_dir / tag)
-        except CheckpointError as e:
-            problem = [str(e)]
-    dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        raise CheckpointError(problem[0])
+    on_rank0(lambda: verify(ckpt_dir / tag))
     info = json.loads((ckpt_dir / tag / MANIFEST).read_text())
     from mlfm_scale.train.reshard import layout_changed, load_resharded
 

@@ -36,7 +36,7 @@ class EMA:
         mismatched = [n for n, t in self.shadow.items() if n not in state or state[n].shape != t.shape]
         if mismatched:
             raise ValueError(f"EMA state does not match this layout's partitions: {mismatched[:3]} ...")
-        self.shadow = {n: state[n].clone() for n in self.shadow}
+        self.shadow = {n: state[n].to(self.shadow[n].device, copy=True) for n in self.shadow}
 
     @contextmanager
     @torch.no_grad()

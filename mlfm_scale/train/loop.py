@@ -195,7 +195,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
         good = guard.check(state["step"] + 1, loss_mean, grad_norm, last_checkpoint)
         if good:
             ema.update()
-        else:  # DeepSpeed skipped the update and the LR schedule with it: keep the schedule on the step count
+        if not engine.was_step_applied():  # skipped (overflow), and its LR step too: keep the schedule on the step
             engine.lr_scheduler.step()
         objective.observe(rows[0], rows[1])
         tokens = int(rows[2].sum())

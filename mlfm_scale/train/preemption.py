@@ -1,4 +1,7 @@
-"""Stop requests: a signal (SLURM's warning before preemption or the time limit) asks the loop to stop.
+"""Stop requests: a signal (SLURM's USR2 before the time limit, or ``scancel --signal=USR2``) asks the loop to stop.
+
+SLURM preemption itself sends SIGTERM, then SIGKILL after the grace time; that is not caught here (a plain
+``scancel`` sends it too), so a preempted run resumes from its last periodic checkpoint.
 
 Saving from inside a signal handler could start a collective while another is in flight, so the handler
 only sets a flag. The loop asks :meth:`StopRequest.agreed` at each step boundary; the ranks agree with one

@@ -23,10 +23,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mlfm_scale.train.checkpoint import MANIFEST, CheckpointError, describe, verify, write_manifest
+from mlfm_scale.train.checkpoint import (
+    MANIFEST,
+    UNIVERSAL,
+    CheckpointError,
+    describe,
+    on_rank0,
+    verify,
+    write_manifest,
+)
 from mlfm_scale.train.universal import KINDS, CheckpointReader, canonical_name, load_file, split_tp, tp_partition
 
-UNIVERSAL = "universal"
 STATE = "state.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -62,23 +69,10 @@ def layout_changed(info: dict, engine) -> bool:
     return (info.get("world_size"), info.get("tp"), info.get("dp"), info.get("zero_stage")) != now
 
 
-def _collective(fn) -> None:
-    """Run ``fn`` on rank 0; every rank raises the CheckpointError it raised."""
-    problem = [None]
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except CheckpointError as e:
-            problem = [str(e)]
-    dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        raise CheckpointError(problem[0])
-
-
 def _zero3_partition(local: torch.Tensor, size: int, rank: int) -> torch.Tensor:
     """This rank's ZeRO-3 partition (``size`` elements, zero-padded at the end) of a TP-local tensor."""
     flat = local.flatten()
-    part = torch.zeros(size, dtype=flat.dtype)
+    part = torch.zeros(size, dtype=flat.dtype, device=flat.device)
     piece = flat[rank * size:(rank + 1) * size]
     part[:piece.numel()] = piece
     return part
@@ -117,7 +111,7 @@ def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
         except CheckpointError:
             write_universal(tag_dir, universal)
 
-    _collective(prepare)
+    on_rank0(prepare)
     saved = load_file(universal / STATE)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     dp_rank = ps.get_data_parallel_rank()
@@ -169,7 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlfm_scale.train.checkpoint import resolve
 
-    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint))
+    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint), what="CHECKPOINT")
     out = write_universal(ckpt_dir / tag, Path(args.out) if args.out else None)
     print(f"wrote the layout-free form of {ckpt_dir / tag} to {out}; resume with any layout "
           f"(train.resume={ckpt_dir / tag})")

@@ -48,7 +48,7 @@ rendered="$(sed -e "s/@HOST@/${host}/g" -e "s/@CPUS@/${cpus}/g" -e "s/@MEMORY_MB
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 install -m 755 "$HERE/task_prolog.sh" /etc/slurm/mlfm-task-prolog.sh
 if [ ! -f "$CONF" ] || [ "$rendered" != "$(cat "$CONF")" ]; then
-    if running "$RUN/slurmctld.pid"; then
+    if running "$RUN/slurmctld.pid" || ls "$RUN"/slurmd-*.pid >/dev/null 2>&1; then
         log "slurm.conf changed: restarting the cluster"
         "$HERE/down.sh" --keep-munge
     fi
@@ -69,10 +69,11 @@ for node in "${NODES[@]}"; do
     fi
 done
 
-# 6. Wait for both nodes idle (resume nodes left down or drained by an earlier unclean stop)
+# 6. Wait for both nodes usable: idle, or running jobs of an earlier call (resume nodes left down or drained by
+#    an earlier unclean stop)
 for i in $(seq 90); do
     states="$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u || true)"
-    if [ "$(grep -c ' idle$' <<<"$states")" = "${#NODES[@]}" ]; then
+    if [ "$(grep -cE ' (idle|mix|alloc|comp)$' <<<"$states")" = "${#NODES[@]}" ]; then
         log "up: $(tr '\n' ' ' <<<"$states")"
         exit 0
     fi
@@ -81,5 +82,5 @@ for i in $(seq 90); do
     fi
     sleep 1
 done
-echo "up.sh: nodes not idle after 90 s: $(tr '\n' ' ' <<<"$states"); see /var/log/slurm-local/" >&2
+echo "up.sh: nodes not usable after 90 s: $(tr '\n' ' ' <<<"$states"); see /var/log/slurm-local/" >&2
 exit 1

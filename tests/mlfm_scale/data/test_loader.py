@@ -55,3 +55,34 @@ def test_mixture_of_sources_follows_the_weights(tmp_path):
     rows = [tuple(t.tolist()) for _ in range(40) for t in next(data)["tokens"]]
     share = sum(r in a_blocks for r in rows) / len(rows)
     assert 0.6 < share < 0.9, share  # weights 3 : 1
+
+
+def test_a_position_saved_at_the_end_of_an_epoch_resumes_into_the_next(tmp_path):
+    """Saved after the last batch of an epoch (before the loader found the end), the position resumes into the
+    next epoch; it is not mistaken for a split too small for one batch."""
+    import json
+
+    from streaming.base.util import clean_stale_shared_memory
+
+    from data_prep.shards import prepare_shards
+    from data_prep.synth import synth_documents
+    from mlfm_scale.config import PrepSection, load_config
+    from mlfm_scale.data.loader import TrainData
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in synth_documents(60, seed=3)))
+    prepare_shards([tmp_path / "c.jsonl"], tmp_path / "data", PrepSection(vocab_size=300, val_fraction=0.0),
+                   32, progress=False)
+    cfg = load_config(None, [f"out_dir={tmp_path}", "data.root=data", "data.seq_len=32", "train.micro_batch_size=4",
+                             f"data.cache={tmp_path / 'cache'}"])
+    clean_stale_shared_memory()
+    data = TrainData(cfg)
+    per_epoch = len(data.loader)
+    first = [next(data)["block_id"].tolist() for _ in range(per_epoch)]
+    state = data.state_dict()
+    second = next(data)["block_id"].tolist()  # the first batch of epoch 2
+    del data
+    clean_stale_shared_memory()
+    resumed = TrainData(cfg)
+    resumed.load_state_dict(state)
+    assert next(resumed)["block_id"].tolist() == second
+    assert len(first) == per_epoch > 1
