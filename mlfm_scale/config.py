@@ -248,7 +248,7 @@ class SampleSection(Section):
     guidance_target: Literal["velocity", "logits"] = Field(
         "velocity", description="guide the velocity (v_c + s(v_c − v_u)) or the log-probabilities")
     seed: int = Field(0, description="seed of the sampler's generator")
-    batch_size: int = Field(8, ge=1, description="prompts per batch (mlfm sample)")
+    batch_size: int = Field(8, ge=1, description="prompts per batch (mlfm sample, in-training samples)")
     validation: SampleValidationSection = SampleValidationSection()
 
     @model_validator(mode="after")

@@ -2,7 +2,8 @@
 
 Every ``sample.validation.every`` steps, ``TrainingSamples`` copies the current weights (the EMA ones when the
 caller swaps them in) into a plain tensor-parallel-size-1 replica of the network on rank 0 — gathering each
-ZeRO-3 partition in turn, a collective every rank joins — and rank 0 draws ``samples`` unconditional and as many
+ZeRO-3 partition in turn, a collective every rank joins; the replica lives only while sampling — and rank 0
+draws ``samples`` unconditional and as many
 prompted samples (``Story of NAME.``) with the configured sampler, ``validation.steps`` SDE steps and
 ``validation.length`` tokens. It returns the validity rates and mean NFE as metrics and appends the texts to
 ``OUT_DIR/samples.jsonl``. Needs ``parallel.tp=1`` (the replica holds the whole vocabulary); with a larger TP
@@ -56,7 +57,6 @@ class TrainingSamples:
         from tokenizers import Tokenizer
 
         from mlfm_scale.data.loader import source_dirs
-        from mlfm_scale.model.mlfm import MLFMModel
 
         tok = manifest["tokenizer"]
         self.cfg, self.model, self.objective = cfg, model, objective
@@ -64,42 +64,54 @@ class TrainingSamples:
                                                      "length": cfg.sample.validation.length, "seed": cfg.seed})
         self.tokenizer = Tokenizer.from_file(str(source_dirs(cfg)[0][0] / tok["file"]))
         self.ids = (tok["mask_id"], tok["eos_id"], tok["pad_id"])
-        self.replica = None
-        if rank == 0:
-            weight = model.embedding_table()
-            with torch.random.fork_rng(devices=[]):  # the replica's throwaway init must not move the run's RNG
-                self.replica = MLFMModel(model.cfg, model.vocab_size, 1, weight.dtype, model.backend)
-            self.replica.to(weight.device).eval().requires_grad_(False)
+        self.rank = rank
         self.log = Path(cfg.out_dir) / "samples.jsonl"
 
-    def _copy_weights(self) -> None:
-        """The model's current weights into the replica; every rank takes part in each ZeRO-3 gather."""
+    def _replica(self) -> nn.Module | None:
+        """Rank 0: a TP=1 copy of the model's current weights (every rank takes part in each ZeRO-3 gather)."""
         import deepspeed
 
-        ours = dict(self.replica.named_parameters()) if self.replica is not None else {}
+        from mlfm_scale.model.mlfm import MLFMModel
+
+        replica = None
+        if self.rank == 0:
+            weight, model = self.model.embedding_table(), self.model
+            with torch.random.fork_rng(devices=[]):  # the replica's throwaway init must not move the run's RNG
+                replica = MLFMModel(model.cfg, model.vocab_size, 1, weight.dtype, model.backend)
+            replica.to(weight.device).eval().requires_grad_(False)
+        ours = dict(replica.named_parameters()) if replica is not None else {}
         for name, param in self.model.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):
-                if self.replica is not None:
+                if replica is not None:
                     ours[name].copy_(param.detach())
+        return replica
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict[str, float]:
-        self._copy_weights()
-        if self.replica is None:
+        replica = self._replica()
+        if replica is None:
             return {}
         started = time.perf_counter()
         mask_id, eos_id, pad_id = self.ids
-        denoiser = ModelDenoiser(self.replica, self.replica.vocab_size, mask_id, eos_id, pad_id,
+        denoiser = ModelDenoiser(replica, replica.vocab_size, mask_id, eos_id, pad_id,
                                  self.cfg.objective.sigma, self.cfg.data.seq_len, self.objective.schedule)
         n = self.cfg.sample.validation.samples
         prompts = [""] * n + validation_prompts(n)
         ids = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-        out = generate(denoiser, ids, self.options)
+        generated, nfe, size = [], [], self.options.batch_size
+        for start in range(0, len(ids), size):
+            out = generate(denoiser, ids[start:start + size], self.options)
+            generated += out.generated
+            nfe.append(out.nfe)
+        del denoiser, replica  # the copy lives only while sampling
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        nfe = torch.cat(nfe)
         records = []
-        for i, (prompt, tokens) in enumerate(zip(prompts, out.generated)):
+        for i, (prompt, tokens) in enumerate(zip(prompts, generated)):
             text = self.tokenizer.decode(ids[i] + tokens, skip_special_tokens=True)
             valid, sentences = score_sample(prompt, text)
-            records.append({"step": step, "prompted": bool(prompt), "text": text, "nfe": int(out.nfe[i]),
+            records.append({"step": step, "prompted": bool(prompt), "text": text, "nfe": int(nfe[i]),
                             "valid": valid, "valid_sentences": sentences})
         with self.log.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -107,4 +119,4 @@ class TrainingSamples:
         sentences = sum(r["valid_sentences"] for r in records) / len(records)
         return {"sample_valid_rate": float(valid.mean()), "sample_valid_rate_unconditional": float(valid[:n].mean()),
                 "sample_valid_rate_prompted": float(valid[n:].mean()), "sample_valid_sentences": sentences,
-                "sample_nfe": float(out.nfe.double().mean()), "sample_s": time.perf_counter() - started}
+                "sample_nfe": float(nfe.double().mean()), "sample_s": time.perf_counter() - started}

@@ -2,6 +2,7 @@
 import pytest
 
 from launchers.job import Job, OutOfRequeues
+from mlfm_scale.errors import UserError
 
 STOPPED = {"state": {"step": 17}, "last_checkpoint": "/runs/x/checkpoints/step00000017", "preempted": True}
 
@@ -18,5 +19,6 @@ def test_only_rank_zero_requeues(monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")  # rank 0 would run scontrol here and fail
     Job("pretrain", {}, max_requeues=2)._requeue(STOPPED, restarts=1, rank=1)
     assert capsys.readouterr().out == ""
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match=r"job 77 stopped at step 17 with checkpoint /runs/x/checkpoints/step00000017, "
+                                        r"but `scontrol requeue 77` failed .*; launch it again to resume"):
         Job("pretrain", {}, max_requeues=2)._requeue(STOPPED, restarts=1, rank=0)

@@ -41,3 +41,16 @@ def test_a_chain_makes_each_job_wait_for_the_previous(capsys):
     assert ids == ["PRETRAIN_JOB_ID"] * 2 and len(scripts) == 2
     assert "#SBATCH --dependency=afterok:5\n" in scripts[0]
     assert "#SBATCH --dependency=afterok:PRETRAIN_JOB_ID\n" in scripts[1]
+
+
+def test_a_pipeline_exports_on_one_task_after_a_multi_node_pretrain(capsys):
+    launch = resolve_launch(LaunchSection(), {"cluster": "example-gpu", "nodes": 2})
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    ids = submit_chain([get("pretrain"), get("export")], cfg, launch, [], dry_run=True)
+    pretrain, export = capsys.readouterr().out.split("# mlfm launch ")[1:]
+    assert ids == ["PRETRAIN_JOB_ID", "EXPORT_JOB_ID"]
+    assert "#SBATCH --nodes=2" in pretrain and "#SBATCH --ntasks-per-node=8" in pretrain
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --dependency=afterok:PRETRAIN_JOB_ID", "mlfm_scale.export:export_latest"):
+        assert line in export, line
+    assert get("export").load().__name__ == "export_latest" and not get("export").preemptible
