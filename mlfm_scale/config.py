@@ -234,6 +234,9 @@ class SampleSection(Section):
     length: int | None = Field(None, ge=1, description="tokens to generate per prompt (default: up to seq_len)")
     temperature: float = Field(0.1, gt=0.0, description="Gumbel-max sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    grid: Literal["restricted", "paper"] = Field(
+        "restricted", description="γ grid: quantiles of the training law restricted to [gamma_min, gamma_max], or "
+        "MLFM.md's clamped quantiles (paper)")
     threshold: float = Field(0.8, description="promote remaining positions whose confidence reaches this")
     min_promote: int = Field(1, ge=1, description="promote at least this many positions per round")
     confidence: Literal["prob", "max_prob", "margin", "neg_entropy"] = Field(

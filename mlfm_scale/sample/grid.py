@@ -7,19 +7,29 @@ from torch import Tensor
 from mlfm_scale.errors import UserError
 from mlfm_scale.flow.schedules import GammaSchedule
 
+GRIDS = ("restricted", "paper")
 
-def gamma_grid(schedule: GammaSchedule, steps: int, gamma_min: float, gamma_max: float) -> Tensor:
-    """Tensor[steps + 1] float64, decreasing: ``γ_k = icdf(q_k)`` for ``q = linspace(0.99, 1e-6, steps + 1)`` of
-    the training distribution ``schedule`` (its learned active curve included) restricted to the sampling range
-    ``[gamma_min, gamma_max]``, with the last point ``gamma_min``. Restricting (rather than clamping the
-    training quantiles) keeps every step inside the range, so none is spent on a repeated clamped point."""
+
+def gamma_grid(schedule: GammaSchedule, steps: int, gamma_min: float, gamma_max: float,
+               kind: str = "restricted") -> Tensor:
+    """Tensor[steps + 1] float64, non-increasing: ``γ_k = icdf(q_k)`` for ``q = linspace(0.99, 1e-6, steps + 1)``
+    of the training distribution ``schedule`` (its learned active curve included), with the last point
+    ``gamma_min``. ``paper``: MLFM.md's grid, the training quantiles clamped to ``[gamma_min, gamma_max]`` (points
+    beyond the range repeat its ends: steps that move nothing). ``restricted``: the quantiles of the training law
+    restricted to the range, so every step lies inside it and none is spent on a repeated clamped point."""
     if steps < 1:
         raise UserError(f"the sampler needs at least one step, got {steps}")
+    q = torch.linspace(0.99, 1e-6, steps + 1, dtype=torch.float64)
+    if kind == "paper":
+        gamma = schedule.icdf(q).clamp(gamma_min, gamma_max)
+        gamma[-1] = gamma_min
+        return torch.cummin(gamma, dim=0).values
+    if kind != "restricted":
+        raise UserError(f"unknown sampling grid {kind!r}: choose one of {', '.join(GRIDS)}")
     ends = schedule.cdf(torch.tensor([gamma_min, gamma_max], dtype=torch.float64))
     if not float(ends[1] - ends[0]) > 0.0:
         raise UserError(f"the training γ distribution puts no mass on the sampling range [{gamma_min}, {gamma_max}]:"
                         " widen sample.gamma_min / sample.gamma_max")
-    q = torch.linspace(0.99, 1e-6, steps + 1, dtype=torch.float64)
     gamma = schedule.icdf(ends[0] + q * (ends[1] - ends[0])).clamp(gamma_min, gamma_max)
     gamma[-1] = gamma_min
     return torch.cummin(gamma, dim=0).values

@@ -44,7 +44,7 @@ def select_promotions(score: Tensor, remaining: Tensor, is_eos: Tensor, threshol
 def promotion_sample(denoiser: Denoiser, canvas: Canvas, state: SampleState, cfg: SampleSection, threshold: float,
                      banned: Tensor, generator: torch.Generator) -> None:
     """Fill ``state`` by rounds of trajectory + promotion; finished rows leave the batch (and stop counting NFE)."""
-    gamma = gamma_grid(denoiser.gamma_schedule(), cfg.steps, cfg.gamma_min, cfg.gamma_max)
+    gamma = gamma_grid(denoiser.gamma_schedule(), cfg.steps, cfg.gamma_min, cfg.gamma_max, cfg.grid)
     cost = trajectory_nfe(cfg.steps, cfg.guidance_scale)
     while (rows := state.active()).numel():
         sub, remaining = canvas.rows(rows), state.remaining[rows]

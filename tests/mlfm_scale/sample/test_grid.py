@@ -24,3 +24,16 @@ def test_grid_follows_the_learned_curve():
     assert (learned[:-1] >= -1.0).all() and (learned[:-1] <= 1.0).all() and (learned.diff() < 0).all()
     normal = gamma_grid(NormalGamma(-2.5, 2.0, -10.0, 6.0), 8, -6.0, 6.0)
     assert not torch.allclose(learned, normal)
+
+
+def test_the_papers_grid_clamps_the_training_quantiles():
+    """MLFM.md: γ_k = icdf(q_k) of the training law, clamped to the sampling range, the last point γ_min."""
+    law = UniformGamma(-10.0, 6.0)
+    paper = gamma_grid(law, 4, -6.0, 6.0, "paper")
+    q = torch.linspace(0.99, 1e-6, 5, dtype=torch.float64)
+    expected = (-10.0 + 16.0 * q).clamp(-6.0, 6.0)
+    expected[-1] = -6.0
+    torch.testing.assert_close(paper, expected)
+    assert paper[-2] == paper[-1] == -6.0  # a clamped point repeats: a step that moves nothing
+    restricted = gamma_grid(law, 4, -6.0, 6.0)
+    assert len(set(restricted.tolist())) == 5
