@@ -1,8 +1,9 @@
 """``mlfm train CONFIG [key=value ...]``: pretrain an MLFM from streaming shards on 1..N processes.
 
 The training story, top to bottom: processes and groups → shards' manifest checked against the config →
-the model on megatron-core (same full weights on every rank, sliced by TP) → the objective → DeepSpeed
-(ZeRO over DP, megatron TP as mpu) → EMA → data → resume → steps (evaluate, log, checkpoint) → summary.
+the objective → the model on megatron-core (the same weights for every layout, sliced by TP) under DeepSpeed:
+ZeRO over DP with megatron TP as mpu, or pipeline stages × ZeRO-1 (train/steps.py hides which) → EMA → data →
+resume → steps (evaluate, sample, log, checkpoint) → summary.
 
 Run it under torchrun / the deepspeed launcher / SLURM, or let ``--nproc N`` start torchrun on this machine.
 Every random draw of a step comes from a generator seeded by (seed, step, micro-batch, data-parallel rank),

@@ -15,6 +15,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from mlfm_scale.data.batch import MicroBatch
+from mlfm_scale.parallel.pipeline import last_stage_diagnostics
 
 
 class ObjectiveStep(nn.Module):
@@ -79,11 +80,8 @@ class PipelineSteps:
     sent it, so it reads no data (it is handed placeholders)."""
 
     def __init__(self, engine, device: torch.device, rows: int):
-        from mlfm_scale.parallel.pipeline import last_stage_diagnostics
-
         self.engine, self.device, self.rows = engine, device, rows
         self.reads_data = ps.is_pipeline_first_stage()
-        self._diagnostics = last_stage_diagnostics
 
     def _feed(self, batches: list[MicroBatch] | None, seeds: list[int]):
         placeholder = torch.zeros(1)
@@ -97,7 +95,7 @@ class PipelineSteps:
 
     def train(self, micro_batches: list[MicroBatch] | None, seeds: list[int]) -> tuple[float, torch.Tensor]:
         loss = self.engine.train_batch(data_iter=self._feed(micro_batches, seeds))  # DP mean, on every stage
-        diagnostics = self._diagnostics(self.engine.module, self.rows, self.device)
+        diagnostics = last_stage_diagnostics(self.engine.module, self.rows, self.device)
         return float(loss), dp_gather(diagnostics, self.device)
 
     def evaluate(self, batches: list[MicroBatch] | None, seeds: list[int]) -> float:
