@@ -1,19 +1,27 @@
-"""Sample quality against cost on the synthetic corpus: MLFM promotion, pure flow and MDM decoding of one model.
+"""Sample quality against cost on the synthetic corpus: the MLFM sampler against MDM decoding, at matched NFE.
 
-    python benchmarks/sampler_quality.py [--samples 16] [--steps 1 2 4 8 32 256] [--out benchmarks/results/...]
+    python benchmarks/sampler_quality.py [--samples 16] [--steps 1 2 4 8 16 32 64 256] [--samplers ...]
 
-Trains a small MLFM (configs/tiny.yaml made 4 layers × d128, 2-process ZeRO-3 on CPU) once on the synthetic
-corpus and exports its EMA weights; both are cached under build/sampler_quality/ (delete it to retrain). Then for
-each sampler and step count it draws ``--samples`` unconditional and as many prompted samples (``Story of NAME.``)
-of ``--length`` tokens with one seed and scores the sentences they wrote with the corpus checker
-(``data_prep.synth``): the share of valid samples and of valid sentences against the mean NFE per sample. Writes
-benchmarks/results/sampler_quality.json, the plot benchmarks/figures/sampler_quality.png (validity vs NFE) and
-prints the table.
+Trains three networks of one shape (configs/tiny.yaml made 4 layers × d128, 2-process ZeRO-3 on CPU, the same
+data) once and exports their EMA weights, cached under build/sampler_quality/NAME/ (delete a folder to retrain
+it); the first two get the same budget, 3000 steps:
+- ``mlfm``: the defaults (LitGPT-scale input table, clamped γ laws, adaptive curve);
+- ``mdm``: ``objective.kind=mdm``, the same network trained as a plain masked diffusion model (the baseline);
+- ``mlfm-unit-table``: ``model.embedding_std=1.0``, the N(0, 1) table this project used before (the "before"),
+  1000 steps: enough for its decision window to settle.
+Each export gets ``mlfm diagnose`` (accuracy and CE against γ, every position corrupted); the windows of the
+two MLFM networks are plotted in benchmarks/figures/decision_window.png. Then for each sampler and step count it
+draws ``--samples`` unconditional and as many prompted samples (``Story of NAME.``) of ``--length`` tokens with
+one seed and scores the sentences they wrote with the corpus checker (``data_prep.synth``). Every sampler runs
+from the export's defaults with only ``steps`` varied, unless its row says otherwise. Writes
+benchmarks/results/sampler_quality.json, benchmarks/figures/sampler_quality.png and prints the table, plus the
+target check: the default MLFM sampler against MDM ancestral at NFE 32 and 64 (interpolated on log NFE).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -22,14 +30,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "sampler_quality"
 TRAIN_STEPS = 3000
-MODEL = ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352"]  # tiny.yaml, 4× wider/deeper
-# name → (label, sampler settings over the SampleSection defaults)
+SHAPE = ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352"]  # tiny.yaml, 4× wider/deeper
+MODELS = {  # name → (training steps, overrides of the training run over SHAPE)
+    "mlfm": (TRAIN_STEPS, []),
+    "mdm": (TRAIN_STEPS, ["objective.kind=mdm"]),
+    # the "before": where a N(0, 1) table decides (its window settles early; a third of the budget, on 2 cores)
+    "mlfm-unit-table": (1000, ["model.embedding_std=1.0"]),
+}
+# name → (label, network, sampler settings over the export's generation defaults)
 SAMPLERS = {
-    "mlfm": ("MLFM promotion", {"method": "mlfm"}),
-    "flow": ("pure flow", {"method": "flow"}),
-    "mdm": ("MDM ancestral", {"method": "mdm"}),
-    "mlfm-g2": ("MLFM promotion, trajectories end at γ=2", {"method": "mlfm", "gamma_min": 2.0}),
-    "mdm-t1": ("MDM ancestral, temperature 1", {"method": "mdm", "temperature": 1.0}),
+    "mlfm": ("MLFM sampler (defaults)", "mlfm", {}),
+    "mlfm-untempered": ("MLFM, untempered confidence", "mlfm", {"confidence_temperature": "untempered"}),
+    "flow": ("pure flow (MLFM network)", "mlfm", {"method": "flow"}),
+    "mdm-of-mlfm": ("MDM decoding of the MLFM network", "mlfm", {"method": "mdm"}),
+    "mdm": ("MDM ancestral (MDM network)", "mdm", {"method": "mdm"}),
+    "mlfm-unit-table": ("MLFM sampler, N(0,1) table (before; 1000 steps)", "mlfm-unit-table", {}),
 }
 sys.path.insert(0, str(REPO))
 
@@ -40,47 +55,52 @@ def run(*args: str) -> None:
         raise SystemExit(f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
 
 
-def trained_checkpoint() -> Path:
-    """The tiny MLFM trained on the synthetic corpus (cached): its latest checkpoint directory."""
+def prepared_data() -> Path:
+    """The synthetic corpus of configs/tiny.yaml as shards (cached)."""
     from data_prep.shards import prepare_shards
     from data_prep.synth import write_synth_jsonl
     from mlfm_scale.config import load_config
 
-    run_dir = CACHE / "run"
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file() and (run_dir / "checkpoints" / latest.read_text().strip()).is_dir():
-        return run_dir / "checkpoints" / latest.read_text().strip()
-    cfg = load_config(REPO / "configs" / "tiny.yaml")
-    write_synth_jsonl(CACHE / "corpus.jsonl", cfg.data.synth.documents, cfg.data.synth.seed)
-    prepare_shards([CACHE / "corpus.jsonl"], CACHE / "data", cfg.data.prep, cfg.data.seq_len, overwrite=True,
-                   progress=False)
-    started = time.perf_counter()
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlfm_scale.cli", "train",
-        "configs/tiny.yaml", f"out_dir={run_dir}", f"data.root={CACHE / 'data'}", f"train.steps={TRAIN_STEPS}",
-        f"checkpoint.every={TRAIN_STEPS // 2}", "log.every=100", "train.eval_every=500", "log.plot_every=500",
-        "sample.validation.every=500", *MODEL)
-    print(f"trained {TRAIN_STEPS} steps in {time.perf_counter() - started:.0f} s → {run_dir}")
-    return run_dir / "checkpoints" / latest.read_text().strip()
+    data = CACHE / "data"
+    if not (data / "manifest.json").is_file():
+        cfg = load_config(REPO / "configs" / "tiny.yaml")
+        write_synth_jsonl(CACHE / "corpus.jsonl", cfg.data.synth.documents, cfg.data.synth.seed)
+        prepare_shards([CACHE / "corpus.jsonl"], data, cfg.data.prep, cfg.data.seq_len, overwrite=True,
+                       progress=False)
+    return data
 
 
-def exported_model() -> Path:
-    """The cached export (EMA weights) of the trained checkpoint."""
-    out = CACHE / "export"
-    if not (out / "config.json").is_file():
-        run("-m", "mlfm_scale.cli", "export", str(trained_checkpoint()), str(out), "--overwrite")
-    return out
+def exported_model(name: str) -> Path:
+    """Train (cached) network ``name`` for TRAIN_STEPS, export its EMA weights and diagnose the export."""
+    run_dir, export = CACHE / name / "run", CACHE / name / "export"
+    if (export / "config.json").is_file():
+        return export
+    data = prepared_data()
+    steps, overrides = MODELS[name]
+    if not (run_dir / "checkpoints" / "latest").is_file():
+        started = time.perf_counter()
+        run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlfm_scale.cli", "train",
+            "configs/tiny.yaml", f"out_dir={run_dir}", f"data.root={data}", f"train.steps={steps}",
+            f"checkpoint.every={steps // 2}", "log.every=100", "train.eval_every=500", "log.plot_every=500",
+            *SHAPE, *overrides)
+        print(f"trained {name}: {steps} steps in {time.perf_counter() - started:.0f} s → {run_dir}", flush=True)
+    run("-m", "mlfm_scale.cli", "export", str(run_dir / "checkpoints"), str(export), "--overwrite")
+    if name != "mdm":
+        run("-m", "mlfm_scale.cli", "diagnose", str(export), "--data", str(data), "--blocks", "32", "--points", "33")
+    return export
 
 
 def measure(model, sampler: str, steps: int, samples: int, length: int) -> dict:
-    """Validity rate and NFE of ``samples`` unconditional and as many prompted samples."""
-    from mlfm_scale.config import SampleSection
+    """Validity and NFE of ``samples`` unconditional and as many prompted samples."""
+    from mlfm_scale.sample.cli import sampler_options
     from mlfm_scale.sample.sampler import generate
     from mlfm_scale.sample.validation import score_sample, validation_prompts
 
     tokenizer = model.tokenizer()
     prompts = [""] * samples + validation_prompts(samples)
     ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-    cfg = SampleSection(**SAMPLERS[sampler][1], steps=steps, length=length, stop_at_eos=False)
+    cfg = sampler_options(model.generation_config, argparse.Namespace(
+        **SAMPLERS[sampler][2], steps=steps, length=length, stop_at_eos=False))
     started = time.perf_counter()
     out = generate(model, ids, cfg)
     seconds = time.perf_counter() - started
@@ -88,31 +108,75 @@ def measure(model, sampler: str, steps: int, samples: int, length: int) -> dict:
     scores = [score_sample(p, t) for p, t in zip(prompts, texts)]
     valid = [v for v, _ in scores]
     return {"sampler": sampler, "steps": steps, "valid_rate": sum(valid) / len(valid),
-            "valid_sentences": sum(r for _, r in scores) / len(scores),
-            "valid_rate_unconditional": sum(valid[:samples]) / samples,
-            "valid_rate_prompted": sum(valid[samples:]) / samples, "nfe": float(out.nfe.double().mean()),
-            "rounds": float(out.rounds.double().mean()), "seconds": seconds, "example": texts[samples]}
+            "valid_sentences": sum(r for _, r in scores) / len(scores), "nfe": float(out.nfe.double().mean()),
+            "rounds": float(out.rounds.double().mean()), "gamma_min": out.gamma_min, "seconds": seconds,
+            "example": texts[samples]}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def at_nfe(rows: list[dict], nfe: float, key: str = "valid_sentences") -> float:
+    """A sampler's ``key`` at ``nfe``, linear in log NFE between measured points (flat beyond its ends)."""
+    pts = sorted((r["nfe"], r[key]) for r in rows)
+    if nfe <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= nfe <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (math.log(nfe) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return pts[-1][1]
+
+
+def plot_quality(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in zip(axes, ("valid_rate", "valid_sentences"), ("valid samples", "valid sentences")):
-        for sampler, (name, _) in SAMPLERS.items():
-            mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
-            ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], "o-", label=name)
-            for r in mine:
-                ax.annotate(str(r["steps"]), (r["nfe"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_ylim(bottom=-0.02)
-        ax.set_xlabel("network evaluations per sample (NFE)")
-        ax.set_ylabel(f"{label} (synthetic corpus checker)")
-        ax.legend()
-    fig.suptitle("small MLFM on the synthetic corpus: one network, five samplers (point labels: steps)")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for sampler, (label, _, _) in SAMPLERS.items():
+        mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
+        if not mine:
+            continue
+        ax.plot([r["nfe"] for r in mine], [r["valid_sentences"] for r in mine], "o-", ms=4, label=label)
+        for r in mine:
+            ax.annotate(str(r["steps"]), (r["nfe"], r["valid_sentences"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=-0.02)
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel("valid sentences (synthetic corpus checker)")
+    ax.legend(fontsize=7)
+    ax.set_title("4 × d128 networks on the synthetic corpus, 3000 steps each (point labels: steps)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_windows(exports: dict[str, Path], path: Path) -> None:
+    """Accuracy against γ (every position corrupted) of the MLFM networks, beside their training γ densities."""
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlfm_scale.inference import MLFMForInference
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    density_ax = ax.twinx()
+    for (name, export), color in zip(exports.items(), ("tab:blue", "tab:red")):
+        config = json.loads((export / "config.json").read_text())
+        d = config["decision"]
+        label = f"{name} (embedding RMS {config['embedding_rms']:.3f})"
+        ax.plot(d["gamma"], d["accuracy"], "o-", ms=3, color=color, label=f"accuracy, {label}")
+        if d["window"] is not None:
+            ax.axvspan(d["window"]["low"], d["window"]["high"], color=color, alpha=0.1)
+        law = MLFMForInference.from_pretrained(export).gamma_schedule()
+        grid = torch.linspace(law.gamma_min, law.gamma_max, 400, dtype=torch.float64)
+        density_ax.plot(grid.numpy(), law.pdf(grid).numpy(), "--", color=color, label=f"training γ density, {name}")
+    ax.set_xlabel("γ (log noise-to-signal)")
+    ax.set_ylabel("token accuracy, every position corrupted")
+    density_ax.set_ylabel("learned training γ density")
+    fig.legend(loc="upper right", fontsize=7)
+    ax.set_title("where the networks decide (shaded: decision window) and where training samples γ", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -122,35 +186,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=16, help="unconditional samples, and as many prompted")
     parser.add_argument("--length", type=int, default=48, help="tokens generated per sample")
-    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 32, 256])
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 256])
     parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
+    parser.add_argument("--train-only", action="store_true", help="train, export and diagnose; sample nothing")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampler_quality.json"))
-    parser.add_argument("--plot", default=str(REPO / "benchmarks" / "figures" / "sampler_quality.png"))
+    parser.add_argument("--figures", default=str(REPO / "benchmarks" / "figures"))
     args = parser.parse_args()
 
     import torch
 
     from mlfm_scale.inference import MLFMForInference
 
-    torch.set_num_threads(1)  # the tiny model gains nothing from a second thread on this shared machine
-    model = MLFMForInference.from_pretrained(exported_model())
+    exports = {name: exported_model(name) for name in MODELS}
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_windows({n: exports[n] for n in ("mlfm-unit-table", "mlfm")}, figures / "decision_window.png")
+    for name in ("mlfm-unit-table", "mlfm"):
+        w = json.loads((exports[name] / "config.json").read_text())["decision"]["window"]
+        print(f"{name}: decision window {w}")
+    if args.train_only:
+        return
+    torch.set_num_threads(1)  # the small model gains nothing from a second thread on this shared machine
+    models = {name: MLFMForInference.from_pretrained(export) for name, export in exports.items()}
     rows = []
-    print(f"{'sampler':<7} {'steps':>5} {'NFE':>8} {'rounds':>7} {'valid':>6} {'uncond':>7} {'prompted':>8} "
-          f"{'sentences':>9} {'s':>7}")
+    print(f"{'sampler':<16} {'steps':>5} {'NFE':>8} {'rounds':>7} {'γ_min':>6} {'valid':>6} {'sentences':>9} {'s':>7}")
     for sampler in args.samplers:
         for steps in args.steps:
-            r = measure(model, sampler, steps, args.samples, args.length)
+            r = measure(models[SAMPLERS[sampler][1]], sampler, steps, args.samples, args.length)
             rows.append(r)
-            print(f"{sampler:<7} {steps:>5} {r['nfe']:>8.1f} {r['rounds']:>7.1f} {r['valid_rate']:>6.2f} "
-                  f"{r['valid_rate_unconditional']:>7.2f} {r['valid_rate_prompted']:>8.2f} "
-                  f"{r['valid_sentences']:>9.2f} {r['seconds']:>7.1f}",
-                  flush=True)
+            print(f"{sampler:<16} {steps:>5} {r['nfe']:>8.1f} {r['rounds']:>7.1f} {r['gamma_min']:>6.2f} "
+                  f"{r['valid_rate']:>6.2f} {r['valid_sentences']:>9.2f} {r['seconds']:>7.1f}", flush=True)
+    by = {s: [r for r in rows if r["sampler"] == s] for s in args.samplers}
+    target = {}
+    if by.get("mlfm") and by.get("mdm"):
+        for nfe in (32, 64):
+            target[f"nfe{nfe}"] = {"mlfm": at_nfe(by["mlfm"], nfe), "mdm": at_nfe(by["mdm"], nfe)}
+        target["best"] = {s: max(r["valid_sentences"] for r in by[s]) for s in ("mlfm", "mdm")}
+        met = all(v["mlfm"] >= v["mdm"] for v in target.values() if isinstance(v, dict)) and \
+            target["best"]["mlfm"] > target["best"]["mdm"]
+        print(f"target (MLFM ≥ MDM ancestral at NFE 32 and 64, best above): {'met' if met else 'missed'} {target}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"samples": 2 * args.samples, "length": args.length, "rows": rows}, indent=1))
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, Path(args.plot))
-    print(f"wrote {out} and {args.plot}")
+    out.write_text(json.dumps({"samples": 2 * args.samples, "length": args.length, "rows": rows, "target": target},
+                              indent=1))
+    plot_quality(rows, figures / "sampler_quality.png")
+    print(f"wrote {out}, {figures / 'sampler_quality.png'} and {figures / 'decision_window.png'}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("launchers.cli", "submit pretrain or export (distill, eval as they land), or a chain of them, to SLURM"),
     "jobs": ("launchers.jobs_cli", "this project's SLURM jobs: state and latest checkpoint step"),
     "sample": ("mlfm_scale.sample.cli", "generate from an exported model: MLFM promotion, flow or MDM sampling"),
+    "diagnose": ("mlfm_scale.diagnose", "where an exported model decides its tokens: accuracy and CE against γ"),
 }
 
 
@@ -39,7 +40,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ren
             continue
         flag = "--" + (rename or {}).get(name, name).replace("_", "-")
         ann = info.annotation
-        args = [a for a in typing.get_args(ann) if a is not type(None)] if isinstance(ann, types.UnionType) else [ann]
+        union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+        args = [a for a in typing.get_args(ann) if a is not type(None)] if union else [ann]
         kind = args[0] if args else ann
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             continue
@@ -48,8 +50,19 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], ren
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is Literal:
             parser.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None, help=help_text)
+        elif words := [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]:
+            parser.add_argument(flag, dest=name, type=_scalar_or_word(kind, words), default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def _scalar_or_word(kind: type, words: list[str]):
+    """An argparse type for a field like ``float | Literal["auto"]``: one of ``words``, else ``kind(text)``."""
+    def convert(text: str):
+        return text if text in words else kind(text)
+
+    convert.__name__ = f"{kind.__name__} or {' / '.join(words)}"  # argparse names it in its error message
+    return convert
 
 
 def model_from_flags(args: argparse.Namespace, model: type[BaseModel], base: BaseModel | None = None):

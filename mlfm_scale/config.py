@@ -92,15 +92,26 @@ class ModelSection(Section):
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     freeze_embeddings: bool = True  # MLFM.md: the input table E is frozen (σ is an absolute scale in its space)
-    embedding_std: float = Field(1.0, gt=0.0)  # init std of E per dimension: γ is the log NSR of unit-scale e
+    # init std of E per dimension. "litgpt": SMDM/LitGPT's √(2/(5d)), the scale σ and the γ settings were tuned
+    # for (MLFM.md, Noise geometry): the token decision then falls at γ ≈ −4…0 at every width
+    embedding_std: float | Literal["litgpt"] = "litgpt"
     attention: Literal["auto", "flash", "sdpa"] = "auto"
     attend_within_documents: bool = False  # restrict attention to each packed document
     recompute: bool = False  # activation recompute per layer
+
+    @property
+    def initial_embedding_std(self) -> float:
+        """The per-dimension std E is drawn with: ``embedding_std``, or √(2/(5d)) for ``litgpt``."""
+        if self.embedding_std == "litgpt":
+            return (2.0 / (5.0 * self.hidden_size)) ** 0.5
+        return self.embedding_std
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSection:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.embedding_std != "litgpt" and not self.embedding_std > 0:
+            raise ValueError(f"embedding_std must be positive or 'litgpt', got {self.embedding_std}")
         return self
 
 
@@ -110,10 +121,15 @@ class ActiveCurveSection(Section):
 
     bins: int = Field(128, ge=4)
     quantiles: int = Field(101, ge=3)
-    ce_decay: float = Field(0.999, ge=0.0, lt=1.0)  # EMA of CE per γ-bin
-    rate: float = Field(0.002, gt=0.0, le=1.0)  # stored inverse CDF moves this far toward the fitted one
+    ce_decay: float = Field(0.999, ge=0.0, lt=1.0)  # per step: decay of the per-bin example counts and CE sums
+    rate: float = Field(0.002, gt=0.0, le=1.0)  # after the first fit (taken in full), move this far toward a new one
     r2_min: float = Field(0.95, le=1.0)  # the logistic fit is accepted at this R² or better
     update_every: int = Field(10, ge=1)  # optimizer steps between curve updates
+    estimator: Literal["logistic", "isotonic"] = "logistic"  # CE curve → CDF: logistic fit or monotone regression
+    min_bins: int = Field(8, ge=4)  # a fit needs this many γ-bins with ≥ min_bin_count examples ...
+    min_bin_count: float = Field(20, ge=1)
+    min_examples: float = Field(4096, ge=0)  # ... and this many examples (decayed counts) in them
+    mask_ratio_min: float = Field(0.0, ge=0.0, le=1.0)  # count only rows with mask ratio ≥ this (SFT: 0.95)
 
 
 class ObjectiveSection(Section):
@@ -186,6 +202,7 @@ class TrainSection(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # AdamW (β1, β2)
     grad_clip: float = Field(1.0, ge=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -194,6 +211,9 @@ class TrainSection(Section):
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite loss/gradient steps before stopping
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(4, ge=1)
+    # at each evaluation: accuracy and CE against this many γ over the training range, every position corrupted
+    # (the decision diagnostic, MLFM.md "Noise geometry"; 0: off)
+    decision_points: int = Field(17, ge=0)
 
 
 class CheckpointSection(Section):
@@ -229,7 +249,10 @@ class SampleSection(Section):
         "mlfm", description="mlfm: SDE trajectories with online token promotion; flow: one trajectory, every "
         "token decoded at its end; mdm: discrete ancestral unmasking with the same network")
     steps: int = Field(256, ge=1, description="SDE steps per promotion round (mlfm, flow); unmasking steps (mdm)")
-    gamma_min: float = Field(-6.0, description="lowest γ of the sampling grid (its last point)")
+    gamma_min: float | Literal["auto"] = Field(
+        "auto", description="lowest γ of the sampling grid (its last point, where each trajectory ends); auto: the "
+        "middle of the model's decision window (recorded by training or `mlfm diagnose`), else the median of the "
+        "training γ law")
     gamma_max: float = Field(6.0, description="highest γ of the sampling grid")
     length: int | None = Field(None, ge=1, description="tokens to generate per prompt (default: up to seq_len)")
     temperature: float = Field(0.1, gt=0.0, description="Gumbel-max sampling temperature")
@@ -241,22 +264,36 @@ class SampleSection(Section):
     min_promote: int = Field(1, ge=1, description="promote at least this many positions per round")
     confidence: Literal["prob", "max_prob", "margin", "neg_entropy"] = Field(
         "prob", description="confidence score of a sampled token (neg_entropy is ≤ 0: use a threshold ≤ 0)")
-    eos_policy: Literal["joint", "eos_last"] = Field(
+    confidence_temperature: Literal["tempered", "untempered"] = Field(
+        "tempered", description="distribution the confidence is computed under: tempered, the one the token was "
+        "drawn from (softmax(logits / temperature) without banned ids, within top_p); untempered, the model's own "
+        "softmax(logits) without banned ids (no temperature, no nucleus)")
+    confidence_source: Literal["final", "quantile"] = Field(
+        "final", description="final: tokens and confidence from one draw from the trajectory's final logits; "
+        "quantile: tokens from the final logits, confidence from a draw at SDE step "
+        "floor(confidence_quantile · steps) (the logits that step's update used)")
+    confidence_quantile: float = Field(
+        0.5, gt=0.0, le=1.0, description="with confidence_source=quantile: where along the trajectory the "
+        "confidence is drawn (1: the last step)")
+    eos_policy: Literal["joint", "eos_last", "rank_separately"] = Field(
         "joint", description="joint: EOS ranks with other tokens; eos_last: the forced min_promote picks prefer "
-        "non-EOS candidates")
+        "non-EOS candidates; rank_separately: the forced picks are split between EOS and non-EOS candidates in "
+        "proportion to their counts (round half to even), each group taking its best")
     stop_at_eos: bool = Field(True, description="a promoted EOS ends its sample: later positions become EOS")
     guidance_scale: float = Field(0.0, description="classifier-free guidance scale s (0: off)")
-    guidance_mode: Literal["corrupt", "mask"] = Field(
-        "corrupt", description="unconditional pass: re-corrupt the prompt at the current t, or replace it by m")
+    guidance_mode: Literal["corrupt", "mask", "drop"] = Field(
+        "corrupt", description="unconditional pass: re-corrupt the prompt at the current t, replace it by m, or "
+        "drop it (the rest of the row runs alone, its positions from 0)")
     guidance_target: Literal["velocity", "logits"] = Field(
-        "velocity", description="guide the velocity (v_c + s(v_c − v_u)) or the log-probabilities")
+        "velocity", description="guide the velocity (v_c + s(v_c − v_u)) or the log-probabilities "
+        "(log p_c + s(log p_c − log p_u)); the logits target also guides the final forward tokens are drawn from")
     seed: int = Field(0, description="seed of the sampler's generator")
     batch_size: int = Field(8, ge=1, description="prompts per batch (mlfm sample, in-training samples)")
     validation: SampleValidationSection = SampleValidationSection()
 
     @model_validator(mode="after")
     def _gamma_range(self) -> SampleSection:
-        if self.gamma_min >= self.gamma_max:
+        if self.gamma_min != "auto" and self.gamma_min >= self.gamma_max:
             raise ValueError(f"gamma_min {self.gamma_min} must be below gamma_max {self.gamma_max}")
         return self
 

@@ -43,11 +43,15 @@ def export_tensors(full: dict[str, torch.Tensor], vocab_size: int) -> dict[str, 
     return {n: t[:vocab_size].clone() if n in VOCAB_ROWS else t for n, t in full.items()}
 
 
-def export_config(cfg: Config, tokenizer: dict, curve: dict | None, source: Path, weights: str, dtype: str) -> dict:
-    """config.json: what ``MLFMForInference`` and the sampler need (the shared inference interface)."""
+def export_config(cfg: Config, tokenizer: dict, client: dict, table: torch.Tensor, source: Path, weights: str,
+                  dtype: str) -> dict:
+    """config.json: what ``MLFMForInference`` and the sampler need (the shared inference interface), with the
+    input table's per-dimension RMS (what σ and γ are measured against) and the run's last decision profile."""
+    curve = client["objective"]["curve"]
     return {"architecture": "MLFM", "model": cfg.model.model_dump(mode="json"),
             "objective": cfg.objective.model_dump(mode="json"),
             "gamma_curve": None if curve is None else curve_to_json(curve),
+            "embedding_rms": float(table.double().square().mean().sqrt()), "decision": client.get("decision"),
             "vocab_size": cfg.model.vocab_size or tokenizer["vocab_size"], "mask_id": tokenizer["mask_id"],
             "eos_id": tokenizer["eos_id"], "pad_id": tokenizer["pad_id"], "seq_len": cfg.data.seq_len,
             "sigma": cfg.objective.sigma, "source_checkpoint": str(source), "weights": weights, "dtype": dtype}
@@ -112,8 +116,9 @@ def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: s
         raise UserError(f"{checkpoint} holds no EMA weights: export with --weights raw")
     kind = "ema" if weights == "ema" else "param"
     full = reader.read([kind])[kind]
-    config = export_config(cfg, tokenizer, client["objective"]["curve"], checkpoint, weights, dtype)
-    tensors = export_tensors(full, config["vocab_size"])
+    vocab_size = cfg.model.vocab_size or tokenizer["vocab_size"]
+    tensors = export_tensors(full, vocab_size)
+    config = export_config(cfg, tokenizer, client, tensors["embedding.weight"], checkpoint, weights, dtype)
     del full
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [out_dir / WEIGHTS, out_dir / WEIGHTS_INDEX, *out_dir.glob("model-*-of-*.safetensors")]:

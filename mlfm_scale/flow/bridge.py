@@ -2,8 +2,9 @@
 
 Corrupted positions travel from the mask embedding m (t = 0) to their clean embedding e (t = 1) with marginal
 ``N((1−t)·m + t·e, σ²·t(1−t)·I)``; observed positions stay exactly e. Times t are scalars or Tensor[B] (one per
-sequence); coefficients are computed in float32 or wider and results returned in the embeddings' dtype. Each
-random draw uses the ``generator`` passed in, which must live on the tensors' device.
+sequence); coefficients are computed in float32 or wider, and the state z is float32 (or wider) whatever the
+network's compute dtype: the network casts it on entry. Each random draw uses the ``generator`` passed in,
+which must live on the tensors' device.
 """
 from __future__ import annotations
 
@@ -36,32 +37,38 @@ def sample_corrupted(valid: Tensor, p: Tensor, generator: torch.Generator) -> Te
 
 def bridge_forward(e: Tensor, m: Tensor, t: Tensor, corrupted: Tensor, sigma: float,
                    generator: torch.Generator) -> Tensor:
-    """Forward process z: Tensor[B, L, d] in e's dtype.
+    """Forward process z: Tensor[B, L, d] in float32 (or e's dtype when wider), whatever the compute dtype.
 
     ``e``: clean embeddings [B, L, d]; ``m``: mask embedding [d]; ``t``: Tensor[B] (or scalar) bridge time;
     ``corrupted``: Bool[B, L]. On corrupted positions ``z = (1−t)·m + t·e + σ·sqrt(t(1−t))·ε``, elsewhere z = e
-    bit-exactly. ε ~ N(0, I) is drawn for every position (e's device and dtype) and then selected, so a position's
-    noise does not depend on which other positions are corrupted.
+    exactly. ε ~ N(0, I) is drawn for every position (e's device, float32) and then selected, so a position's
+    noise does not depend on which other positions are corrupted. z is kept in float32 because the token signal
+    t·(e − m) is small beside m at low t: in bf16 it would be rounded away before the network sees it.
     """
-    eps = torch.randn(e.shape, generator=generator, device=e.device, dtype=e.dtype)
+    wide = torch.promote_types(e.dtype, torch.float32)
+    e = e.to(wide)
+    eps = torch.randn(e.shape, generator=generator, device=e.device, dtype=wide)
     t = broadcast_time(t, e)
-    noisy = (1 - t) * m + t * e + sigma * torch.sqrt(t * (1 - t)) * eps
-    return torch.where(corrupted.unsqueeze(-1), noisy.to(e.dtype), e)
+    noisy = (1 - t) * m.to(wide) + t * e + sigma * torch.sqrt(t * (1 - t)) * eps
+    return torch.where(corrupted.unsqueeze(-1), noisy.to(wide), e)
 
 
 def sde_step(z: Tensor, x0_hat: Tensor, t: Tensor | float, t_next: Tensor | float, sigma: float,
              generator: torch.Generator) -> Tensor:
-    """One bridge SDE step from t to t_next > t (t < 1): Tensor like z [B, …].
+    """One bridge SDE step from t to t_next > t (t < 1): Tensor like z [B, …], in float32 or wider.
 
     ``z' = z + (t_next−t)/(1−t)·(x̂0 − z) + σ·sqrt((t_next−t)(1−t_next)/(1−t))·ε``. With a fixed x̂0 = e this maps
     the bridge marginal at t onto the one at t_next; at t_next = 1 the noise vanishes and z' = x̂0. ε is always
-    drawn (z's shape, device, dtype) so the generator advances the same way on every step.
+    drawn (z's shape and device, float32 or wider) so the generator advances the same way on every step; the
+    state stays in float32 so that many small steps are not rounded away.
     """
-    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    wide = torch.promote_types(z.dtype, torch.float32)
+    z = z.to(wide)
+    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=wide)
     t, t_next = broadcast_time(t, z), broadcast_time(t_next, z)
     dt = t_next - t
     std = sigma * torch.sqrt((dt * (1 - t_next) / (1 - t)).clamp_min(0.0))
-    return (z + dt / (1 - t) * (x0_hat - z) + std * eps).to(z.dtype)
+    return (z + dt / (1 - t) * (x0_hat.to(wide) - z) + std * eps).to(wide)
 
 
 def flow_drift(z: Tensor, x1_hat: Tensor, m: Tensor, t: Tensor | float) -> Tensor:

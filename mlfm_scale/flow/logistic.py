@@ -34,14 +34,18 @@ def generalised_logistic_inverse(y: Tensor, loc: float, scale: float, power: flo
     return loc + scale * (log_sig - torch.log(-torch.expm1(log_sig)))  # z = logit(exp(log_sig))
 
 
-def fit_generalised_logistic(x: Tensor, y: Tensor, iterations: int = 200) -> LogisticFit | None:
-    """Fit (loc, log scale, log power) to points ``(x, y)`` (1-D, same length, y roughly in [0, 1]).
+def fit_generalised_logistic(x: Tensor, y: Tensor, iterations: int = 200, weights: Tensor | None = None
+                             ) -> LogisticFit | None:
+    """Fit (loc, log scale, log power) to points ``(x, y)`` (1-D, same length, y roughly in [0, 1]), each point
+    weighted by ``weights`` (e.g. its example count; default 1).
 
-    Levenberg–Marquardt in float64 with an analytic Jacobian, started at the x where y is nearest 0.5, a scale of
-    a sixteenth of the x range and power 1. Returns None when there are fewer than 4 points, y is constant, or the
-    fit is not finite; otherwise the fit and its R² = 1 − SSE/SST.
+    Weighted Levenberg–Marquardt in float64 with an analytic Jacobian, started at the x where y is nearest 0.5, a
+    scale of a sixteenth of the x range and power 1. Returns None when there are fewer than 4 points, y is
+    constant, or the fit is not finite; otherwise the fit and its weighted R² = 1 − SSE_w/SST_w.
     """
     x, y = x.detach().to(torch.float64).flatten(), y.detach().to(torch.float64).flatten()
+    w = torch.ones_like(x) if weights is None else weights.detach().to(torch.float64).flatten()
+    root_w = (w / w.sum()).sqrt()
     if x.numel() < 4 or float(y.max() - y.min()) <= 0.0:
         return None
     width = float(x.max() - x.min())
@@ -56,7 +60,7 @@ def fit_generalised_logistic(x: Tensor, y: Tensor, iterations: int = 200) -> Log
         f = torch.exp(power * log_sig)
         d_z = f * power * torch.sigmoid(-z)  # ∂f/∂z
         jac = torch.stack([-d_z / scale, -d_z * z, f * log_sig * power], dim=1)
-        return y - f, jac
+        return root_w * (y - f), root_w[:, None] * jac
 
     residual, jac = residual_and_jacobian(theta)
     sse, damping = float(residual.square().sum()), 1e-3
@@ -72,7 +76,8 @@ def fit_generalised_logistic(x: Tensor, y: Tensor, iterations: int = 200) -> Log
             damping *= 3
         if damping > 1e12:
             break
-    r2 = 1.0 - sse / float((y - y.mean()).square().sum())
+    mean = float((w * y).sum() / w.sum())
+    r2 = 1.0 - sse / float((root_w * (y - mean)).square().sum())
     if not (math.isfinite(r2) and bool(torch.isfinite(theta).all())):
         return None
     return LogisticFit(loc=float(theta[0]), scale=float(theta[1].exp()), power=float(theta[2].exp()), r2=r2)

@@ -1,11 +1,12 @@
 """Time and corruption schedules (MLFM.md, "Forward process" and "γ schedules").
 
-γ is the log noise-to-signal ratio; the bridge time is ``t(γ) = sigmoid(log σ² − γ)``. A :class:`GammaSchedule`
-is a distribution over γ on ``[gamma_min, gamma_max]`` given by its CDF, inverse CDF and density; drawing γ as
+γ is the log noise-to-signal ratio; the bridge time is ``t(γ) = sigmoid(log σ² − γ)``. A :class:`GammaSchedule` is
+a distribution over γ on ``[gamma_min, gamma_max]`` given by its CDF, inverse CDF and density; drawing γ as
 ``icdf(u)`` from stratified ``u`` keeps the batch's low discrepancy. Parametric schedules (uniform, normal,
-Gumbel) are *truncated* to the range and renormalised, so ``cdf`` and ``icdf`` are exact inverses on it; a
-piecewise schedule's knots are its support. Schedules compute in float64 and return the input's floating dtype.
-:class:`ActiveGammaCurve` adapts a piecewise schedule to where the training loss changes fastest.
+Gumbel) are drawn from the untruncated law and *clamped* to the range, so the mass beyond each end becomes a point
+mass at it (MLFM.md and the reference); a piecewise schedule's knots are its support. Schedules compute in float64
+and return the input's floating dtype. :class:`ActiveGammaCurve` adapts a piecewise schedule to where the training
+loss changes fastest.
 """
 from __future__ import annotations
 
@@ -104,28 +105,27 @@ class GammaSchedule:
         raise NotImplementedError
 
 
-class _TruncatedSchedule(GammaSchedule):
-    """A base distribution (CDF ``_base_cdf``, density ``_base_pdf``, quantile ``_base_icdf``) truncated to
-    ``[gamma_min, gamma_max]`` and renormalised."""
+class _ClampedSchedule(GammaSchedule):
+    """A base law on the real line (CDF ``_base_cdf``, density ``_base_pdf``, quantile ``_base_icdf``) drawn
+    untruncated and clamped to ``[gamma_min, gamma_max]`` (MLFM.md, γ schedules): the mass the base law puts
+    below ``gamma_min`` / above ``gamma_max`` becomes a point mass *at* that end. ``pdf`` is the continuous part
+    (the point masses are ``atoms()``); ``cdf`` includes them, so it jumps at the ends."""
 
-    def __init__(self, gamma_min: float, gamma_max: float):
-        super().__init__(gamma_min, gamma_max)
-        bounds = self._base_cdf(torch.tensor([self.gamma_min, self.gamma_max], dtype=torch.float64))
-        self._cdf_lo, self._mass = float(bounds[0]), float(bounds[1] - bounds[0])
-        if not self._mass > 0.0:
-            raise UserError(f"{type(self).__name__} puts no probability on [{gamma_min}, {gamma_max}]: "
-                            "move its loc into the range or widen its scale")
+    def atoms(self) -> tuple[float, float]:
+        """The point masses (probabilities) at ``gamma_min`` and ``gamma_max``."""
+        ends = self._base_cdf(torch.tensor([self.gamma_min, self.gamma_max], dtype=torch.float64))
+        return float(ends[0]), float(1.0 - ends[1])
 
     def _cdf(self, gamma: Tensor) -> Tensor:
-        inside = gamma.clamp(self.gamma_min, self.gamma_max)
-        return ((self._base_cdf(inside) - self._cdf_lo) / self._mass).clamp(0.0, 1.0)
+        inside = self._base_cdf(gamma.clamp(self.gamma_min, self.gamma_max))
+        return torch.where(gamma < self.gamma_min, 0.0, torch.where(gamma >= self.gamma_max, 1.0, inside))
 
     def _icdf(self, q: Tensor) -> Tensor:
-        return self._base_icdf(self._cdf_lo + q * self._mass).clamp(self.gamma_min, self.gamma_max)
+        return self._base_icdf(q).clamp(self.gamma_min, self.gamma_max)
 
     def _pdf(self, gamma: Tensor) -> Tensor:
         inside = (gamma >= self.gamma_min) & (gamma <= self.gamma_max)
-        return torch.where(inside, self._base_pdf(gamma) / self._mass, 0.0)
+        return torch.where(inside, self._base_pdf(gamma), 0.0)
 
     def _base_cdf(self, gamma: Tensor) -> Tensor:
         raise NotImplementedError
@@ -137,21 +137,21 @@ class _TruncatedSchedule(GammaSchedule):
         raise NotImplementedError
 
 
-class UniformGamma(_TruncatedSchedule):
-    """Uniform on ``[gamma_min, gamma_max]`` (the Lebesgue measure, truncated)."""
+class UniformGamma(_ClampedSchedule):
+    """Uniform on ``[gamma_min, gamma_max]`` (no mass outside, so no point masses)."""
 
     def _base_cdf(self, gamma: Tensor) -> Tensor:
-        return gamma
+        return ((gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)).clamp(0.0, 1.0)
 
     def _base_icdf(self, p: Tensor) -> Tensor:
-        return p
+        return self.gamma_min + p * (self.gamma_max - self.gamma_min)
 
     def _base_pdf(self, gamma: Tensor) -> Tensor:
-        return torch.ones_like(gamma)
+        return torch.full_like(gamma, 1.0 / (self.gamma_max - self.gamma_min))
 
 
-class NormalGamma(_TruncatedSchedule):
-    """Normal(loc, scale) truncated to ``[gamma_min, gamma_max]``."""
+class NormalGamma(_ClampedSchedule):
+    """Normal(loc, scale) clamped to ``[gamma_min, gamma_max]``."""
 
     def __init__(self, loc: float, scale: float, gamma_min: float, gamma_max: float):
         if not scale > 0:
@@ -170,8 +170,8 @@ class NormalGamma(_TruncatedSchedule):
         return torch.exp(-0.5 * z * z) / (self.scale * math.sqrt(2.0 * math.pi))
 
 
-class GumbelGamma(_TruncatedSchedule):
-    """Gumbel (maximum, right-skewed) with CDF ``exp(−exp(−(γ − loc)/scale))``, truncated to the range."""
+class GumbelGamma(_ClampedSchedule):
+    """Gumbel (maximum, right-skewed) with CDF ``exp(−exp(−(γ − loc)/scale))``, clamped to the range."""
 
     def __init__(self, loc: float, scale: float, gamma_min: float, gamma_max: float):
         if not scale > 0:
@@ -272,107 +272,170 @@ class MixtureGamma(GammaSchedule):
 
 
 # ------------------------------------------------------------------------------------- active γ curve
+CURVE_ESTIMATORS = ("logistic", "isotonic")
+
+
 class ActiveGammaCurve:
     """The adaptive γ distribution: draw γ where the training cross-entropy changes fastest.
 
-    State: a bias-corrected EMA of cross-entropy per γ-bin (``bins`` equal bins on ``[gamma_min, gamma_max]``;
-    one EMA step per :meth:`observe` call for each bin it hits, so the horizon is ~1/(1 − ce_decay) calls),
-    the number of calls that hit each bin (bins never hit are ignored), and ``knots``: Tensor[quantiles], the
-    stored inverse CDF (initially uniform). The normalised CE curve ``(CE − min)/(max − min)`` is used as a
-    CDF over γ through a generalised-logistic fit, whose density is the CE slope. All state is float64 / int64
-    on the CPU; :meth:`observe` moves its inputs there.
+    Statistics, per γ-bin (``bins`` equal bins on ``[gamma_min, gamma_max]``): an exponentially decayed example
+    count and CE sum. Each :meth:`observe` call decays both by ``ce_decay`` and adds its rows, so counts are
+    fractional and old evidence fades over ~1/(1 − ce_decay) calls. With ``mask_ratio_min`` > 0 only rows whose
+    mask ratio reaches it count (the reference's SFT stage uses 0.95).
+
+    A fit needs evidence: ``min_bins`` bins holding ≥ ``min_bin_count`` examples each, and ≥ ``min_examples``
+    in them. The mean CE of those bins, normalised ``(CE − min)/(max − min)``, is read as a CDF over γ by the
+    ``estimator``: ``logistic`` fits ``sigmoid((γ − loc)/s)^k`` by count-weighted least squares and accepts it at
+    R² ≥ ``r2_min``; ``isotonic`` takes the count-weighted monotone (pool-adjacent-violators) regression,
+    linear between bin centres. Its density is the CE slope, so γ is drawn where the loss changes fastest.
+
+    ``knots``: Tensor[quantiles] float64, the stored inverse CDF at equally spaced quantiles, or None before the
+    first accepted fit (the schedules then use the normal component in its place). The first accepted fit is
+    taken in full; later ones blend in at ``rate``. All state is float64 / int on the CPU.
     """
 
     def __init__(self, gamma_min: float, gamma_max: float, bins: int = 128, quantiles: int = 101,
-                 ce_decay: float = 0.999, rate: float = 0.002, r2_min: float = 0.95):
+                 ce_decay: float = 0.999, rate: float = 0.002, r2_min: float = 0.95, estimator: str = "logistic",
+                 min_bins: int = 8, min_examples: float = 4096, min_bin_count: float = 20, mask_ratio_min: float = 0.0):
         if not gamma_min < gamma_max:
             raise UserError(f"gamma_min {gamma_min} must be below gamma_max {gamma_max}")
         if bins < 4 or quantiles < 2:
             raise UserError(f"active γ curve needs ≥ 4 bins and ≥ 2 quantiles, got {bins} and {quantiles}")
+        if estimator not in CURVE_ESTIMATORS:
+            raise UserError(f"unknown γ-curve estimator {estimator!r}: choose one of {', '.join(CURVE_ESTIMATORS)}")
         self.gamma_min, self.gamma_max = float(gamma_min), float(gamma_max)
         self.bins, self.quantiles = bins, quantiles
-        self.ce_decay, self.rate, self.r2_min = ce_decay, rate, r2_min
-        self.ce_ema = torch.zeros(bins, dtype=torch.float64)  # raw EMA from 0; divide by 1 − decay^count
-        self.counts = torch.zeros(bins, dtype=torch.int64)
-        self.knots = torch.linspace(self.gamma_min, self.gamma_max, quantiles, dtype=torch.float64)
+        self.ce_decay, self.rate, self.r2_min, self.estimator = ce_decay, rate, r2_min, estimator
+        self.min_bins, self.min_examples, self.min_bin_count = max(min_bins, 4), min_examples, min_bin_count
+        self.mask_ratio_min = mask_ratio_min
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+        self.ce_sums = torch.zeros(bins, dtype=torch.float64)
+        self.knots: Tensor | None = None
+        self.updates = 0  # accepted fits so far
 
     def bin_centers(self) -> Tensor:
         """Tensor[bins] float64: the γ at the middle of each bin."""
         width = (self.gamma_max - self.gamma_min) / self.bins
         return self.gamma_min + width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
 
-    def observe(self, gamma: Tensor, ce: Tensor) -> None:
-        """Fold per-sequence losses into the curve. ``gamma``, ``ce``: Tensor[N] (γ, mean CE in nats).
-
-        Each bin hit by this call takes one EMA step toward the mean CE of its samples in this call; γ outside
-        the range counts in the edge bins.
-        """
+    def observe(self, gamma: Tensor, ce: Tensor, mask_ratio: Tensor | None = None) -> None:
+        """Fold per-sequence losses into the curve. ``gamma``, ``ce``, ``mask_ratio``: Tensor[N] (γ, mean CE over
+        the row's corrupted positions in nats, the row's mask ratio p). Rows with a non-finite CE, or (with
+        ``mask_ratio_min``) a lower mask ratio, are left out; γ outside the range counts in the edge bins."""
         gamma = gamma.detach().to("cpu", torch.float64).flatten()
         ce = ce.detach().to("cpu", torch.float64).flatten()
-        position = (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min) * self.bins
+        keep = torch.isfinite(ce)
+        if self.mask_ratio_min > 0 and mask_ratio is not None:
+            keep &= mask_ratio.detach().to("cpu", torch.float64).flatten() >= self.mask_ratio_min
+        position = (gamma[keep] - self.gamma_min) / (self.gamma_max - self.gamma_min) * self.bins
         index = position.floor().long().clamp(0, self.bins - 1)
-        hits = torch.bincount(index, minlength=self.bins)
-        sums = torch.bincount(index, weights=ce, minlength=self.bins)
-        hit = hits > 0
-        means = sums[hit] / hits[hit]
-        self.ce_ema[hit] = self.ce_decay * self.ce_ema[hit] + (1.0 - self.ce_decay) * means
-        self.counts[hit] += 1
+        self.counts = self.ce_decay * self.counts + torch.bincount(index, minlength=self.bins).to(torch.float64)
+        self.ce_sums = self.ce_decay * self.ce_sums + torch.bincount(index, weights=ce[keep], minlength=self.bins)
 
     def ce_curve(self) -> tuple[Tensor, Tensor]:
-        """(γ centers, bias-corrected EMA CE) of the bins observed so far, both Tensor[n_observed] float64."""
+        """(γ centres, mean CE) of the bins observed so far, both Tensor[n_observed] float64."""
         seen = self.counts > 0
-        correction = 1.0 - self.ce_decay ** self.counts[seen].to(torch.float64)
-        return self.bin_centers()[seen], self.ce_ema[seen] / correction
+        return self.bin_centers()[seen], self.ce_sums[seen] / self.counts[seen]
+
+    def evidence(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(γ centres, mean CE, counts) of the bins with ≥ ``min_bin_count`` examples, each Tensor[n] float64, or
+        None while there are fewer than ``min_bins`` such bins or ``min_examples`` examples in them."""
+        full = self.counts >= self.min_bin_count
+        if int(full.sum()) < self.min_bins or float(self.counts[full].sum()) < self.min_examples:
+            return None
+        return self.bin_centers()[full], self.ce_sums[full] / self.counts[full], self.counts[full]
 
     def target_knots(self) -> Tensor | None:
-        """Tensor[quantiles] float64: the inverse CDF implied by the current CE curve, or None.
-
-        Normalises the observed curve to [0, 1], fits ``F(γ) = sigmoid((γ − loc)/s)^k``, and if R² ≥ r2_min uses
-        ``(F(γ) − F(γ_min))/(F(γ_max) − F(γ_min))`` as the CDF; None when the fit is rejected or F is flat.
-        """
-        gamma, ce = self.ce_curve()
-        if gamma.numel() < 4 or float(ce.max() - ce.min()) <= 0.0:
+        """Tensor[quantiles] float64: the inverse CDF the current evidence implies (non-decreasing, from
+        ``gamma_min`` to ``gamma_max``), or None (too little evidence, a flat curve, or a rejected fit)."""
+        found = self.evidence()
+        if found is None:
             return None
-        fit = fit_generalised_logistic(gamma, (ce - ce.min()) / (ce.max() - ce.min()))
-        if fit is None or fit.r2 < self.r2_min:
+        gamma, ce, counts = found
+        if not float(ce.max() - ce.min()) > 0.0:
             return None
-        ends = generalised_logistic(torch.tensor([self.gamma_min, self.gamma_max], dtype=torch.float64),
-                                    fit.loc, fit.scale, fit.power)
-        if not float(ends[1] - ends[0]) > 1e-9:
-            return None
+        level = (ce - ce.min()) / (ce.max() - ce.min())
         q = torch.linspace(0.0, 1.0, self.quantiles, dtype=torch.float64)
-        knots = generalised_logistic_inverse(ends[0] + q * (ends[1] - ends[0]), fit.loc, fit.scale, fit.power)
+        if self.estimator == "isotonic":
+            knots = isotonic_quantiles(gamma, level, counts, q, self.gamma_min, self.gamma_max)
+        else:
+            fit = fit_generalised_logistic(gamma, level, weights=counts)
+            if fit is None or fit.r2 < self.r2_min:
+                return None
+            ends = generalised_logistic(torch.tensor([self.gamma_min, self.gamma_max], dtype=torch.float64),
+                                        fit.loc, fit.scale, fit.power)
+            if not float(ends[1] - ends[0]) > 1e-9:
+                return None
+            knots = generalised_logistic_inverse(ends[0] + q * (ends[1] - ends[0]), fit.loc, fit.scale, fit.power)
         knots = knots.clamp(self.gamma_min, self.gamma_max)
         knots[0], knots[-1] = self.gamma_min, self.gamma_max
         return torch.cummax(knots, dim=0).values
 
     def update(self) -> bool:
-        """Move ``knots ← knots + rate·(target − knots)`` (kept sorted); False, unchanged, when no target."""
+        """Take the target in full (the first accepted fit) or move ``knots ← knots + rate·(target − knots)``
+        (kept sorted); False, unchanged, when there is no target."""
         target = self.target_knots()
         if target is None:
             return False
-        self.knots = torch.cummax(self.knots + self.rate * (target - self.knots), dim=0).values
+        if self.knots is None:
+            self.knots = target
+        else:
+            self.knots = torch.cummax(self.knots + self.rate * (target - self.knots), dim=0).values
+        self.updates += 1
         return True
 
-    def schedule(self) -> PiecewiseGamma:
-        """A snapshot of the current knots as a schedule; rebuild it after :meth:`update` returns True."""
-        return PiecewiseGamma(self.knots, self.gamma_min, self.gamma_max)
+    def schedule(self) -> PiecewiseGamma | None:
+        """A snapshot of the current knots as a schedule (None before the first fit); rebuild it after
+        :meth:`update` returns True."""
+        return None if self.knots is None else PiecewiseGamma(self.knots, self.gamma_min, self.gamma_max)
 
     def state_dict(self) -> dict:
-        """Checkpoint state: the three tensors (copies) and the γ range they refer to."""
-        return {"ce_ema": self.ce_ema.clone(), "counts": self.counts.clone(), "knots": self.knots.clone(),
+        """Checkpoint state: the statistics and knots (copies), the accepted fits and the γ range."""
+        return {"counts": self.counts.clone(), "ce_sums": self.ce_sums.clone(),
+                "knots": None if self.knots is None else self.knots.clone(), "updates": self.updates,
                 "gamma_min": self.gamma_min, "gamma_max": self.gamma_max}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output; the γ range, bins and quantiles must match this curve's."""
-        found = (state["gamma_min"], state["gamma_max"], state["ce_ema"].numel(), state["knots"].numel())
+        """Restore :meth:`state_dict` output; the γ range, bins and quantiles must match this curve's. A state
+        from before the count-weighted statistics (``ce_ema``) keeps its knots and restarts the statistics."""
+        knots = state["knots"]
+        bins = (state["ce_sums"] if "ce_sums" in state else state["ce_ema"]).numel()
+        found = (state["gamma_min"], state["gamma_max"], bins, self.quantiles if knots is None else knots.numel())
         expected = (self.gamma_min, self.gamma_max, self.bins, self.quantiles)
         if found != expected:
             raise UserError(f"active γ curve state has (gamma_min, gamma_max, bins, quantiles) = {found}, this run "
                             f"expects {expected}: resume with the objective settings the checkpoint was saved with")
-        self.ce_ema = state["ce_ema"].to("cpu", torch.float64).clone()
-        self.counts = state["counts"].to("cpu", torch.int64).clone()
-        self.knots = state["knots"].to("cpu", torch.float64).clone()
+        self.knots = None if knots is None else knots.to("cpu", torch.float64).clone()
+        if "ce_sums" not in state:
+            self.counts, self.ce_sums, self.updates = torch.zeros_like(self.counts), torch.zeros_like(self.ce_sums), 1
+            return
+        self.counts = state["counts"].to("cpu", torch.float64).clone()
+        self.ce_sums = state["ce_sums"].to("cpu", torch.float64).clone()
+        self.updates = int(state["updates"])
+
+
+def isotonic_quantiles(gamma: Tensor, level: Tensor, weights: Tensor, q: Tensor, gamma_min: float,
+                       gamma_max: float) -> Tensor:
+    """Inverse CDF at quantiles ``q`` [Q] of the empirical curve: the ``weights``-weighted non-decreasing
+    regression of ``level`` on ``gamma`` (each Tensor[n], γ ascending), rescaled to [0, 1], read as a CDF that is 0
+    at ``gamma_min``, passes through the first bin of each rising step, and is 1 at ``gamma_max``. float64 [Q]."""
+    from scipy.optimize import isotonic_regression
+
+    fitted = torch.from_numpy(isotonic_regression(level.numpy(), weights=weights.numpy()).x)
+    fitted = (fitted - fitted.min()) / (fitted.max() - fitted.min()).clamp_min(1e-300)
+    xs, ps = [gamma_min], [0.0]
+    for g, p in zip(gamma.tolist(), fitted.tolist()):
+        if gamma_min < g < gamma_max and g > xs[-1] + 1e-5 and p > ps[-1] + 1e-5:
+            xs.append(g)
+            ps.append(p)
+    if ps[-1] < 1.0 - 1e-5:
+        xs.append(gamma_max)
+        ps.append(1.0)
+    knots_p, knots_gamma = torch.tensor(ps, dtype=torch.float64), torch.tensor(xs, dtype=torch.float64)
+    upper = torch.searchsorted(knots_p, q, right=True).clamp(1, knots_p.numel() - 1)
+    lo_p, hi_p = knots_p[upper - 1], knots_p[upper]
+    frac = ((q - lo_p) / (hi_p - lo_p)).clamp(0.0, 1.0)
+    return torch.lerp(knots_gamma[upper - 1], knots_gamma[upper], frac)
 
 
 def make_gamma_schedule(name: str, gamma_min: float, gamma_max: float, active: ActiveGammaCurve | None = None,
@@ -381,6 +444,8 @@ def make_gamma_schedule(name: str, gamma_min: float, gamma_max: float, active: A
                         gumbel_scale: float = 2.0) -> GammaSchedule:
     """Build a schedule by name (one of ``GAMMA_SCHEDULES``). The active ones snapshot ``active``'s knots:
     ``active_piecewise`` is its curve, ``active_mixture`` mixes [uniform, normal, active] by ``mixture_weights``.
+    Before the curve's first accepted fit its place is taken by the normal component (so ``active_mixture`` gives
+    the active weight to the normal law, as the reference does).
     """
     if name == "uniform":
         return UniformGamma(gamma_min, gamma_max)
@@ -395,11 +460,11 @@ def make_gamma_schedule(name: str, gamma_min: float, gamma_max: float, active: A
     if (active.gamma_min, active.gamma_max) != (float(gamma_min), float(gamma_max)):
         raise UserError(f"active γ curve covers [{active.gamma_min}, {active.gamma_max}], the schedule "
                         f"[{gamma_min}, {gamma_max}]: build both from the same objective settings")
+    normal = NormalGamma(normal_loc, normal_scale, gamma_min, gamma_max)
+    learned = active.schedule() or normal  # until the first accepted fit the active part is the normal law
     if name == "active_piecewise":
-        return active.schedule()
-    components = [UniformGamma(gamma_min, gamma_max), NormalGamma(normal_loc, normal_scale, gamma_min, gamma_max),
-                  active.schedule()]
-    return MixtureGamma(components, mixture_weights)
+        return learned
+    return MixtureGamma([UniformGamma(gamma_min, gamma_max), normal, learned], mixture_weights)
 
 
 def active_curve_for(cfg: ObjectiveSection) -> ActiveGammaCurve | None:
@@ -407,7 +472,8 @@ def active_curve_for(cfg: ObjectiveSection) -> ActiveGammaCurve | None:
     if not cfg.gamma_schedule.startswith("active"):
         return None
     a = cfg.active
-    return ActiveGammaCurve(cfg.gamma_min, cfg.gamma_max, a.bins, a.quantiles, a.ce_decay, a.rate, a.r2_min)
+    return ActiveGammaCurve(cfg.gamma_min, cfg.gamma_max, a.bins, a.quantiles, a.ce_decay, a.rate, a.r2_min,
+                            a.estimator, a.min_bins, a.min_examples, a.min_bin_count, a.mask_ratio_min)
 
 
 def gamma_schedule_for(cfg: ObjectiveSection, curve: ActiveGammaCurve | None) -> GammaSchedule:

@@ -19,6 +19,7 @@ from torch import nn
 
 from mlfm_scale.config import ModelSection, ObjectiveSection, explain
 from mlfm_scale.errors import UserError
+from mlfm_scale.flow.decision import DecisionWindow, window_of
 from mlfm_scale.flow.schedules import GammaSchedule, active_curve_for, gamma_schedule_for
 from mlfm_scale.model.common import GammaEmbedding, rope_frequencies, segment_starts_and_positions
 
@@ -163,6 +164,11 @@ class MLFMForInference(nn.Module):
         if curve is not None and self.config.get("gamma_curve") is not None:
             curve.load_state_dict(curve_from_json(self.config["gamma_curve"]))
         return gamma_schedule_for(self.objective_cfg, curve)
+
+    def decision_window(self) -> DecisionWindow | None:
+        """Where the model decides its tokens (config.json ``decision``, recorded by training or ``mlfm
+        diagnose``), or None when the export carries no measured window."""
+        return window_of(self.config.get("decision"))
 
     def tokenizer(self):
         """The export's ``tokenizers.Tokenizer``."""

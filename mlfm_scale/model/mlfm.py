@@ -92,9 +92,9 @@ def mask_padded_logits(logits: torch.Tensor, vocab_size: int, vocab_start: int) 
 # (parallel/pipeline.py) are made of these same pieces.
 def build_embedding(cfg: ModelSection, config: TransformerConfig, padded_vocab: int, seed: int
                     ) -> tensor_parallel.VocabParallelEmbedding:
-    """E [V_pad/tp, d] on this rank, N(0, embedding_std²) (the table's scale sets what γ means: σ is
-    absolute), frozen unless ``model.freeze_embeddings`` is false."""
-    std = cfg.embedding_std
+    """E [V_pad/tp, d] on this rank, N(0, s²) with s = ``model.initial_embedding_std`` (the table's scale sets
+    what γ means: σ is absolute), frozen unless ``model.freeze_embeddings`` is false."""
+    std = cfg.initial_embedding_std
     with seeded(seed, "embedding"):
         embedding = tensor_parallel.VocabParallelEmbedding(
             padded_vocab, cfg.hidden_size, init_method=lambda w: torch.nn.init.normal_(w, std=std), config=config)
@@ -118,6 +118,18 @@ def build_output_layer(cfg: ModelSection, config: TransformerConfig, padded_voca
     with seeded(seed, "output_layer"):
         return tensor_parallel.ColumnParallelLinear(cfg.hidden_size, padded_vocab, config=config,
                                                     init_method=config.init_method, bias=False, gather_output=False)
+
+
+def embedding_square_sums(module: torch.nn.Module, vocab_size: int) -> torch.Tensor:
+    """Float64[2]: (Σ E², element count) over the real-vocabulary rows of the input table slices held in
+    ``module`` (none on later pipeline stages). Summed over every rank, the ratio is the table's mean square:
+    each data-parallel replica adds the same share."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for m in module.modules():
+        if isinstance(m, tensor_parallel.VocabParallelEmbedding):
+            rows = m.weight[: max(0, min(m.weight.size(0), vocab_size - m.vocab_start_index))].detach()
+            sums += torch.tensor([float(rows.double().square().sum()), rows.numel()], dtype=torch.float64)
+    return sums
 
 
 class EmbeddingLookup:
@@ -157,7 +169,9 @@ class MLFMModel(EmbeddingLookup, MegatronModule):
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, gamma: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """z [b, s, d] (the forward process makes it float32; cast to the compute dtype here), γ [b]."""
         b, s, _ = z.shape
+        z = z.to(self.config.params_dtype)
         if segment_ids is None:
             segment_ids = torch.zeros(b, s, dtype=torch.long, device=z.device)
         segments, rope = layer_inputs(segment_ids, self.cfg, self.backend)

@@ -48,6 +48,8 @@ from mlfm_scale.model.vocab_parallel import VocabOutputs, vocab_parallel_outputs
 
 PARTITION_METHODS = {"layers": "type:LayerStage", "parameters": "parameters"}
 
+STEP_ROWS = ("gamma", "ce", "tokens", "mask_ratio", "accuracy")  # per-sequence diagnostics a step reports
+
 
 @dataclass
 class Targets:
@@ -93,7 +95,7 @@ class CorruptStage(EmbeddingLookup, nn.Module):
         batch = MicroBatch(tokens, lengths, segment_ids, response[0] if response else None)
         batch = self.objective.crop(batch, generator)
         c = self.objective.corrupt(self, batch, generator)
-        z = c.z.transpose(0, 1).contiguous()
+        z = c.z.to(self.embedding.weight.dtype).transpose(0, 1).contiguous()  # z is float32: cast once, here
         if not z.requires_grad:  # frozen embeddings: DeepSpeed sends a gradient back for every float output
             z.requires_grad_()
         carried = (batch.segment_ids, *Targets.from_draw(batch, c).tensors())  # a crop leaves strided views
@@ -119,8 +121,8 @@ class LayerStage(nn.Module):
 
 
 class OutputStage(nn.Module):
-    """(h, *targets) → the micro-batch's MLFM loss (a scalar); per-sequence diagnostics of training
-    micro-batches wait in ``diagnostics`` until the loop takes them."""
+    """(h, *targets) → the micro-batch's MLFM loss (a scalar); per-sequence diagnostics of each micro-batch
+    wait in ``diagnostics`` until the step or evaluation takes them."""
 
     def __init__(self, cfg: Config, vocab_size: int, dtype: torch.dtype, objective, sft: bool):
         super().__init__()
@@ -144,8 +146,7 @@ class OutputStage(nn.Module):
         logits = mask_padded_logits(logits.transpose(0, 1), self.vocab_size, self.vocab_start)
         batch = MicroBatch(targets.tokens, targets.lengths, response=targets.valid if self.sft else None)
         loss, diagnostics = self.objective.loss(self, logits, batch, targets)
-        if self.training:
-            self.diagnostics.append(diagnostics)
+        self.diagnostics.append(diagnostics)
         return loss
 
 
@@ -199,13 +200,13 @@ def stage_boundaries(module) -> list[int]:
 
 
 def last_stage_diagnostics(module, rows: int, device: torch.device) -> torch.Tensor:
-    """The training micro-batches' per-sequence (γ, ce, tokens) [3, rows] from the last stage, on every stage
+    """The micro-batches' per-sequence ``STEP_ROWS`` [5, rows] from the last stage, on every stage
     of this pipeline (the γ curve must be the same everywhere: the first stage samples γ from it)."""
-    out = torch.zeros(3, rows, dtype=torch.float32, device=device)
+    out = torch.zeros(len(STEP_ROWS), rows, dtype=torch.float32, device=device)
     head = module.forward_funcs[-1] if ps.is_pipeline_last_stage() else None
     if head is not None:
         found = head.diagnostics
         head.diagnostics = []
-        out.copy_(torch.stack([torch.cat([d[k].float() for d in found]) for k in ("gamma", "ce", "tokens")]))
+        out.copy_(torch.stack([torch.cat([d[k].float() for d in found]) for k in STEP_ROWS]))
     dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
     return out.cpu()

@@ -42,5 +42,6 @@ def mdm_sample(denoiser: Denoiser, canvas: Canvas, state: SampleState, cfg: Samp
         z = denoiser.embed(state.ids[rows])  # the mask id on masked positions: z = m there, e elsewhere
         levels = torch.full((rows.numel(),), gamma, device=z.device)
         logits = denoiser(z, levels, canvas.rows(rows).segment_ids)
-        tokens, score = sample_and_score(logits, cfg.temperature, cfg.top_p, banned, cfg.confidence, generator)
+        tokens, score = sample_and_score(logits, cfg.temperature, cfg.top_p, banned, cfg.confidence, generator,
+                                         cfg.confidence_temperature)
         state.commit(rows, reveal[rows], tokens, 1, score)

@@ -1,9 +1,10 @@
 """``mlfm sample --model EXPORT_DIR --prompt TEXT ... | --prompts-file JSONL | --unconditional N``.
 
-Writes one JSON line per prompt (stdout, or ``--out``): the prompt, the generated text and token ids, NFE,
-rounds and the wall time of its batch. Sampler settings default to the export's ``generation_config.json``;
-every one can be overridden by its flag (``--steps 64 --method mdm``). Batch i is sampled with the generator
-seeded ``seed + i``, so a run repeats exactly with the same prompts, batch size and seed.
+Writes one JSON line per prompt (stdout, or ``--out``): the prompt, the generated text and token ids, NFE, rounds,
+where the trajectories ended (``gamma_min`` and its source) and the wall time of its batch. Sampler settings
+default to the export's ``generation_config.json``; every one can be overridden by its flag (``--steps 64 --method
+mdm``). Batch i is sampled with the generator seeded ``seed + i``, so a run repeats exactly with the same prompts,
+batch size and seed.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             for i, (text, tokens) in enumerate(zip(texts, result.generated)):
                 line = {"index": start + i, "prompt": text, "text": tokenizer.decode(tokens, skip_special_tokens=True),
                         "token_ids": tokens, "nfe": int(result.nfe[i]), "rounds": int(result.rounds[i]),
-                        "seconds": seconds, "batch_size": len(texts), "method": cfg.method, "steps": cfg.steps}
+                        "seconds": seconds, "batch_size": len(texts), "method": cfg.method, "steps": cfg.steps,
+                        "gamma_min": result.gamma_min, "gamma_min_source": result.gamma_min_source}
                 if args.history:
                     line["history"] = result.history[i]
                 out.write(json.dumps(line) + "\n")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mlfm_scale.errors import UserError
+from mlfm_scale.flow.decision import DecisionWindow
 from mlfm_scale.flow.schedules import GammaSchedule
 
 
@@ -35,17 +36,19 @@ class Denoiser(Protocol):
 
     def gamma_schedule(self) -> GammaSchedule: ...
 
+    def decision_window(self) -> DecisionWindow | None: ...
+
 
 class ModelDenoiser:
     """A training ``MLFMModel`` (tensor-parallel size 1: its logits and table hold the whole padded vocabulary)
     as a :class:`Denoiser`; logits and table are cut to the real vocabulary."""
 
     def __init__(self, model, vocab_size: int, mask_id: int, eos_id: int, pad_id: int, sigma: float, seq_len: int,
-                 schedule: GammaSchedule):
+                 schedule: GammaSchedule, window: DecisionWindow | None = None):
         if model.config.tensor_model_parallel_size != 1:
             raise UserError("in-training sampling needs the whole vocabulary on one rank (parallel.tp=1); "
                             "sample from an export (mlfm sample --model) for tensor-parallel runs")
-        self.model, self.schedule = model, schedule
+        self.model, self.schedule, self.window = model, schedule, window
         self.vocab_size, self.mask_id, self.eos_id, self.pad_id = vocab_size, mask_id, eos_id, pad_id
         self.sigma, self.seq_len = sigma, seq_len
 
@@ -63,6 +66,9 @@ class ModelDenoiser:
 
     def gamma_schedule(self) -> GammaSchedule:
         return self.schedule
+
+    def decision_window(self) -> DecisionWindow | None:
+        return self.window
 
 
 def device_of(denoiser: Denoiser) -> torch.device:

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from mlfm_scale.errors import UserError
+from mlfm_scale.flow.decision import trajectory_end
 from mlfm_scale.flow.schedules import GammaSchedule
 
 GRIDS = ("restricted", "paper")
@@ -33,3 +34,13 @@ def gamma_grid(schedule: GammaSchedule, steps: int, gamma_min: float, gamma_max:
     gamma = schedule.icdf(ends[0] + q * (ends[1] - ends[0])).clamp(gamma_min, gamma_max)
     gamma[-1] = gamma_min
     return torch.cummin(gamma, dim=0).values
+
+
+def sampling_range(cfg, window, schedule: GammaSchedule) -> tuple[float, float, str]:
+    """(gamma_min, gamma_max, where gamma_min came from) of the sampler settings ``cfg`` (a SampleSection):
+    ``gamma_min=auto`` ends trajectories inside the model's decision ``window`` (a DecisionWindow or None) by
+    ``flow.decision.trajectory_end``; a number is used as given (``config``)."""
+    if cfg.gamma_min != "auto":
+        return float(cfg.gamma_min), float(cfg.gamma_max), "config"
+    value, source = trajectory_end(window, schedule, cfg.gamma_max)
+    return value, float(cfg.gamma_max), source

@@ -1,9 +1,12 @@
 """Classifier-free guidance for the bridge (MLFM.md, Sampler): a conditional and an unconditional pass combined
-into one posterior-mean embedding x̂0 [b, s, d] (float32 or wider).
+into one posterior-mean embedding x̂0 [b, s, d] (float32 or wider), and into the logits tokens are drawn from.
 
 The unconditional pass sees the prompt as unobserved: ``corrupt`` mode re-draws the prompt positions from the
-forward process at the current t, ``mask`` mode puts the mask embedding m there. Targets: ``velocity``
-``v = v_c + s·(v_c − v_u)``, ``x̂0 = z + (1 − t)·v``; ``logits`` ``log p_c + s·(log p_c − log p_u)``.
+forward process at the current t, ``mask`` mode puts the mask embedding m there, ``drop`` mode removes them
+(the rest of the row runs alone, left-packed so its RoPE positions start at 0). A row without a prompt has
+nothing to hide: its unconditional pass would repeat the conditional one, so it is not run and the guidance
+term ``s·(c − u)`` is zero there. Targets: ``velocity`` ``v = v_c + s·(v_c − v_u)``, ``x̂0 = z + (1 − t)·v``
+(tokens come from the conditional logits); ``logits`` ``log p_c + s·(log p_c − log p_u)`` for x̂0 and tokens.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from mlfm_scale.flow.bridge import bridge_forward
 from mlfm_scale.flow.objective import posterior_mean_embedding, velocity
 from mlfm_scale.sample.denoiser import Denoiser
 
-GUIDANCE_MODES = ("corrupt", "mask")
+GUIDANCE_MODES = ("corrupt", "mask", "drop")
 
 
 def unconditional_input(z: Tensor, e: Tensor, m: Tensor, prompt: Tensor, t: Tensor, mode: str, sigma: float,
@@ -27,24 +30,84 @@ def unconditional_input(z: Tensor, e: Tensor, m: Tensor, prompt: Tensor, t: Tens
     elif mode == "mask":
         hidden = m.to(z.dtype).expand_as(z)
     else:
-        raise ValueError(f"unknown guidance mode {mode!r}: choose one of {', '.join(GUIDANCE_MODES)}")
+        raise ValueError(f"guidance mode {mode!r} does not hide the prompt in place: choose corrupt or mask")
     return torch.where(prompt.unsqueeze(-1), hidden.to(z.dtype), z)
 
 
-def guided_posterior_mean(denoiser: Denoiser, z: Tensor, gamma: Tensor, t: Tensor, e: Tensor, m: Tensor,
-                          table: Tensor, prompt: Tensor, segment_ids: Tensor | None, cfg: SampleSection,
-                          generator: torch.Generator) -> Tensor:
-    """x̂0 [b, s, d] at γ [b] (bridge time ``t``, a scalar tensor): one network pass, two with guidance
-    (``cfg.guidance_scale`` ≠ 0). ``e`` [b, s, d] clean embeddings of the observed tokens, ``table`` E [V, d]."""
-    logits = denoiser(z, gamma, segment_ids)
-    scale = cfg.guidance_scale
-    if scale == 0:
-        return posterior_mean_embedding(logits, table)
-    z_u = unconditional_input(z, e, m, prompt, t, cfg.guidance_mode, denoiser.sigma, generator)
-    logits_u = denoiser(z_u, gamma, segment_ids)
-    if cfg.guidance_target == "logits":
-        log_c, log_u = torch.log_softmax(logits.float(), -1), torch.log_softmax(logits_u.float(), -1)
-        return posterior_mean_embedding(log_c + scale * (log_c - log_u), table)
-    v_c = velocity(posterior_mean_embedding(logits, table), z, t)
+def packed_order(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(index Long[b, w], valid Bool[b, w]), w the most ``keep`` (Bool[b, s]) positions of any row: row b's kept
+    positions in order (valid), then, to fill the width, some of its other positions (not valid)."""
+    counts = keep.sum(dim=1, keepdim=True)
+    width = int(counts.max())
+    index = torch.argsort((~keep).long(), dim=1, stable=True)[:, :width]
+    return index, torch.arange(width, device=keep.device) < counts
+
+
+def dropped_prompt_logits(denoiser: Denoiser, z: Tensor, gamma: Tensor, keep: Tensor, fallback: Tensor) -> Tensor:
+    """Logits [b, s, V] of the network on each row's ``keep`` positions (Bool[b, s]) of z [b, s, d] alone, at
+    their places; the other positions hold ``fallback`` [b, s, V]. The kept positions are left-packed, so their
+    RoPE positions start at 0 as for a sequence without the rest, and the packed rows' tails are padding in a
+    segment of their own (segment 1), which the kept positions never attend to."""
+    index, valid = packed_order(keep)
+    pad = denoiser.embed(torch.tensor(denoiser.pad_id, device=z.device)).to(z.dtype)
+    packed = torch.where(valid.unsqueeze(-1), z.gather(1, index.unsqueeze(-1).expand(-1, -1, z.size(-1))), pad)
+    logits = denoiser(packed, gamma, None if bool(valid.all()) else (~valid).long())
+    places = index.unsqueeze(-1).expand(-1, -1, logits.size(-1))
+    # a padding slot writes back the fallback of the position it stands for (index holds distinct positions)
+    logits = torch.where(valid.unsqueeze(-1), logits, fallback.gather(1, places))
+    return fallback.scatter(1, places, logits)
+
+
+def unconditional_logits(denoiser: Denoiser, z: Tensor, gamma: Tensor, t: Tensor, e: Tensor, m: Tensor,
+                         prompt: Tensor, segment_ids: Tensor | None, logits_c: Tensor, mode: str,
+                         generator: torch.Generator) -> Tensor:
+    """logits_u [b, s, V]: the network's view of z [b, s, d] at γ [b] without the ``prompt`` positions
+    (Bool[b, s]), hidden as ``mode`` says. Rows without a prompt position are not evaluated: their unconditional
+    view is the conditional one, ``logits_c``; in ``drop`` mode the prompt positions hold ``logits_c`` as well."""
+    if mode not in GUIDANCE_MODES:
+        raise ValueError(f"unknown guidance mode {mode!r}: choose one of {', '.join(GUIDANCE_MODES)}")
+    rows = prompt.any(dim=1).nonzero().flatten()
+    if not rows.numel():
+        return logits_c
+    z_r, gamma_r, prompt_r = z[rows], gamma[rows], prompt[rows]
+    segments = None if segment_ids is None else segment_ids[rows]
+    if mode == "drop":
+        real = torch.ones_like(prompt_r) if segments is None else segments == 0  # the canvas' padding: segment 1
+        hidden = dropped_prompt_logits(denoiser, z_r, gamma_r, real & ~prompt_r, logits_c[rows])
+    else:
+        z_u = unconditional_input(z_r, e[rows], m, prompt_r, t, mode, denoiser.sigma, generator)
+        hidden = denoiser(z_u, gamma_r, segments)
+    return hidden if rows.numel() == prompt.size(0) else logits_c.index_copy(0, rows, hidden)
+
+
+def guidance_passes(denoiser: Denoiser, z: Tensor, gamma: Tensor, t: Tensor, e: Tensor, m: Tensor, prompt: Tensor,
+                    segment_ids: Tensor | None, cfg: SampleSection, generator: torch.Generator,
+                    unconditional: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(logits_c, logits_u or None) [b, s, V] at γ [b] (bridge time ``t``, a scalar tensor): the conditional pass,
+    and where guidance is on (``cfg.guidance_scale`` ≠ 0) and ``unconditional`` asks for it, the unconditional
+    one (:func:`unconditional_logits`). ``e`` [b, s, d] clean embeddings of the observed tokens."""
+    logits_c = denoiser(z, gamma, segment_ids)
+    if cfg.guidance_scale == 0 or not unconditional:
+        return logits_c, None
+    return logits_c, unconditional_logits(denoiser, z, gamma, t, e, m, prompt, segment_ids, logits_c,
+                                          cfg.guidance_mode, generator)
+
+
+def guided_logits(logits_c: Tensor, logits_u: Tensor | None, cfg: SampleSection) -> Tensor:
+    """The logits [b, s, V] tokens are drawn from: ``log p_c + s·(log p_c − log p_u)`` with the logits target,
+    the conditional ``logits_c`` with the velocity target or without an unconditional pass."""
+    if logits_u is None or cfg.guidance_target != "logits":
+        return logits_c
+    log_c, log_u = torch.log_softmax(logits_c.float(), -1), torch.log_softmax(logits_u.float(), -1)
+    return log_c + cfg.guidance_scale * (log_c - log_u)
+
+
+def guided_posterior_mean(logits_c: Tensor, logits_u: Tensor | None, z: Tensor, t: Tensor, table: Tensor,
+                          cfg: SampleSection) -> Tensor:
+    """x̂0 [b, s, d] from a step's passes (:func:`guidance_passes`) at z [b, s, d], bridge time ``t``; ``table``
+    E [V, d]. Unguided without ``logits_u``."""
+    if logits_u is None or cfg.guidance_target == "logits":
+        return posterior_mean_embedding(guided_logits(logits_c, logits_u, cfg), table)
+    v_c = velocity(posterior_mean_embedding(logits_c, table), z, t)
     v_u = velocity(posterior_mean_embedding(logits_u, table), z, t)
-    return z + (1 - t) * (v_c + scale * (v_c - v_u))
+    return z + (1 - t) * (v_c + cfg.guidance_scale * (v_c - v_u))

@@ -15,13 +15,16 @@ class SampleOutput:
     """ids Long[b, s]: prompt + filled positions (+ pad); generated: per sample the filled tokens in order, cut
     before the first EOS when sampling stopped at it; nfe, rounds Long[b]: network evaluations and decision
     rounds per sample; history: per sample a list of rounds ``{"round", "nfe", "positions", "tokens",
-    "scores"}`` (positions index the row), or None when not recorded."""
+    "scores"}`` (positions index the row), or None when not recorded; gamma_min: the γ where the trajectories
+    ended and gamma_min_source what it came from (``config``, ``decision_window``, ``gamma_law_median``)."""
 
     ids: Tensor
     generated: list[list[int]]
     nfe: Tensor
     rounds: Tensor
     history: list[list[dict]] | None
+    gamma_min: float
+    gamma_min_source: str
 
 
 class SampleState:
@@ -47,15 +50,16 @@ class SampleState:
         """Long[a]: the rows with positions left to fill."""
         return self.remaining.any(dim=1).nonzero().flatten()
 
-    def commit(self, rows: Tensor, chosen: Tensor, tokens: Tensor, nfe: int, scores: Tensor) -> None:
+    def commit(self, rows: Tensor, chosen: Tensor, tokens: Tensor, nfe: int | Tensor, scores: Tensor) -> None:
         """Write ``tokens`` (Long[a, s]) at the ``chosen`` remaining positions (Bool[a, s]) of ``rows`` (Long[a]),
-        which spent ``nfe`` evaluations each on this round; ``scores`` [a, s] go to the history."""
+        which spent ``nfe`` evaluations (each the same, or Long[a] per row) on this round; ``scores`` [a, s] go to
+        the history."""
         before = int(self.remaining.sum())
         chosen = chosen & self.remaining[rows]
         self.ids[rows] = torch.where(chosen, tokens, self.ids[rows])
         self.remaining[rows] &= ~chosen
         cpu_rows = rows.cpu()
-        self.nfe[cpu_rows] += nfe
+        self.nfe[cpu_rows] += torch.as_tensor(nfe, dtype=torch.long).cpu()
         self.rounds[cpu_rows] += 1
         if self.history is not None:
             for i, row in enumerate(cpu_rows.tolist()):
@@ -78,7 +82,7 @@ class SampleState:
         self.ids[rows] = torch.where(after, self.eos_id, self.ids[rows])
         self.remaining[rows] &= ~after
 
-    def output(self) -> SampleOutput:
+    def output(self, gamma_min: float, gamma_min_source: str) -> SampleOutput:
         if self.bar is not None:
             self.bar.close()
         generated = []
@@ -87,4 +91,4 @@ class SampleState:
             if self.stop_at_eos and self.eos_id in tokens:
                 tokens = tokens[: tokens.index(self.eos_id)]
             generated.append(tokens)
-        return SampleOutput(self.ids, generated, self.nfe, self.rounds, self.history)
+        return SampleOutput(self.ids, generated, self.nfe, self.rounds, self.history, gamma_min, gamma_min_source)

@@ -1,4 +1,5 @@
-"""Discrete decisions from logits: Gumbel-max sampling with temperature and top-p, and confidence scores.
+"""Discrete decisions from logits: Gumbel-max sampling with temperature and top-p, and confidence scores
+(by default under the tempered, filtered distribution a token was drawn from; optionally the untempered one).
 
 Shapes: logits [..., V] (any float dtype, computed in float32); tokens Long[...]; scores float32 [...]. Every
 draw comes from the generator passed in (on the logits' device).
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor
 
 CONFIDENCES = ("prob", "max_prob", "margin", "neg_entropy")
+CONFIDENCE_TEMPERATURES = ("tempered", "untempered")
 
 
 def tempered_log_probs(logits: Tensor, temperature: float, top_p: float = 1.0, banned: Tensor | None = None
@@ -51,10 +53,16 @@ def confidence(log_probs: Tensor, tokens: Tensor, kind: str = "prob") -> Tensor:
 
 
 def sample_and_score(logits: Tensor, temperature: float, top_p: float, banned: Tensor | None, kind: str,
-                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                     generator: torch.Generator, scored_under: str = "tempered") -> tuple[Tensor, Tensor]:
     """(tokens Long[...], confidence float32 [...]): Gumbel-max draws from the tempered nucleus of ``logits``
-    [..., V] without ``banned`` ids, scored by ``kind`` under the model's own distribution (softmax of the
-    logits without the banned ids, no temperature or nucleus): the temperature sharpens the draw, not the
-    confidence a promotion threshold is compared with."""
-    tokens = gumbel_max(tempered_log_probs(logits, temperature, top_p, banned), generator)
-    return tokens, confidence(tempered_log_probs(logits, 1.0, 1.0, banned), tokens, kind)
+    [..., V] without ``banned`` ids, scored by ``kind`` under ``scored_under``: ``tempered``, the distribution
+    they were drawn from (the reference sampler's rule: at temperature 0.1 a clear favourite scores near 1);
+    ``untempered``, the model's own softmax of the logits without the banned ids (no temperature or nucleus),
+    so the temperature sharpens the draw but not the confidence a promotion threshold is compared with."""
+    if scored_under not in CONFIDENCE_TEMPERATURES:
+        raise ValueError(f"unknown confidence temperature {scored_under!r}: choose one of "
+                         f"{', '.join(CONFIDENCE_TEMPERATURES)}")
+    drawn_from = tempered_log_probs(logits, temperature, top_p, banned)
+    tokens = gumbel_max(drawn_from, generator)
+    scored = drawn_from if scored_under == "tempered" else tempered_log_probs(logits, 1.0, 1.0, banned)
+    return tokens, confidence(scored, tokens, kind)

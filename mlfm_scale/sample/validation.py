@@ -21,6 +21,7 @@ from torch import nn
 from data_prep.synth import NAMES, check
 from mlfm_scale.config import Config
 from mlfm_scale.errors import UserError
+from mlfm_scale.flow.decision import DecisionWindow
 from mlfm_scale.sample.denoiser import ModelDenoiser
 from mlfm_scale.sample.sampler import generate
 
@@ -43,7 +44,7 @@ def validation_prompts(count: int) -> list[str]:
 
 
 class TrainingSamples:
-    """``__call__(step)`` → metrics (rank 0; {} elsewhere): ``sample_valid_rate`` (all samples),
+    """``__call__(step, window)`` → metrics (rank 0; {} elsewhere): ``sample_valid_rate`` (all samples),
     ``sample_valid_rate_unconditional``, ``sample_valid_rate_prompted``, ``sample_valid_sentences`` (mean share
     of valid sentences), ``sample_nfe`` (mean), ``sample_s``."""
 
@@ -87,14 +88,15 @@ class TrainingSamples:
         return replica
 
     @torch.no_grad()
-    def __call__(self, step: int) -> dict[str, float]:
+    def __call__(self, step: int, window: DecisionWindow | None = None) -> dict[str, float]:
+        """Samples of the current weights; ``window``: the run's latest decision window (``gamma_min=auto``)."""
         replica = self._replica()
         if replica is None:
             return {}
         started = time.perf_counter()
         mask_id, eos_id, pad_id = self.ids
         denoiser = ModelDenoiser(replica, replica.vocab_size, mask_id, eos_id, pad_id,
-                                 self.cfg.objective.sigma, self.cfg.data.seq_len, self.objective.schedule)
+                                 self.cfg.objective.sigma, self.cfg.data.seq_len, self.objective.schedule, window)
         n = self.cfg.sample.validation.samples
         prompts = [""] * n + validation_prompts(n)
         ids = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
@@ -103,6 +105,7 @@ class TrainingSamples:
             out = generate(denoiser, ids[start:start + size], self.options)
             generated += out.generated
             nfe.append(out.nfe)
+        gamma_min = out.gamma_min
         del denoiser, replica  # the copy lives only while sampling
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -112,11 +115,12 @@ class TrainingSamples:
             text = self.tokenizer.decode(ids[i] + tokens, skip_special_tokens=True)
             valid, sentences = score_sample(prompt, text)
             records.append({"step": step, "prompted": bool(prompt), "text": text, "nfe": int(nfe[i]),
-                            "valid": valid, "valid_sentences": sentences})
+                            "gamma_min": gamma_min, "valid": valid, "valid_sentences": sentences})
         with self.log.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         valid = torch.tensor([r["valid"] for r in records], dtype=torch.float64)
         sentences = sum(r["valid_sentences"] for r in records) / len(records)
         return {"sample_valid_rate": float(valid.mean()), "sample_valid_rate_unconditional": float(valid[:n].mean()),
                 "sample_valid_rate_prompted": float(valid[n:].mean()), "sample_valid_sentences": sentences,
-                "sample_nfe": float(nfe.double().mean()), "sample_s": time.perf_counter() - started}
+                "sample_nfe": float(nfe.double().mean()), "sample_gamma_min": gamma_min,
+                "sample_s": time.perf_counter() - started}

@@ -78,7 +78,7 @@ def build_engine(cfg: Config, model: nn.Module, mpu, device: torch.device):
 
     apply_trainable(model, cfg.train.trainable)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+                                  betas=cfg.train.adam_betas, fused=device.type == "cuda")
     t = cfg.train
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio))

@@ -93,13 +93,15 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
     from megatron.core import parallel_state as ps
 
     from mlfm_scale.data.loader import ReaderWorld, TrainData, data_fingerprint, load_manifest, to_micro_batch
+    from mlfm_scale.flow.decision import misplacement_warning, window_of
     from mlfm_scale.model.attention import resolve_backend
     from mlfm_scale.model.flops import flops_per_token
-    from mlfm_scale.model.mlfm import MLFMModel
+    from mlfm_scale.model.mlfm import MLFMModel, embedding_square_sums
     from mlfm_scale.parallel import pipeline
     from mlfm_scale.parallel.mpu import MegatronMPU
     from mlfm_scale.parallel.state import init_distributed, init_model_parallel
     from mlfm_scale.train import checkpoint
+    from mlfm_scale.train.decision import measure_decision
     from mlfm_scale.train.ema import EMA
     from mlfm_scale.train.engine import build_engine
     from mlfm_scale.train.metrics import MetricsLogger
@@ -130,11 +132,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
     # the same initial weights for every layout: each piece draws them from (seed, piece); TP slices them
     if pipelined:
         net = pipeline.build_pipeline(cfg, vocab, dtype, backend, objective, sft=manifest["kind"] == "sft")
-        engine, _, _ = build_engine(cfg, net.to(device), None, device)
-        steps = PipelineSteps(engine, device, cfg.train.micro_batch_size * cfg.train.grad_accum)
-        reader = ReaderWorld.first_pipeline_stage(cfg.parallel.pp)
     else:
         model = MLFMModel(cfg.model, vocab, cfg.parallel.tp, dtype, backend, seed=cfg.seed)
+    table = embedding_square_sums(net if pipelined else model, vocab).to(device)  # before ZeRO-3 partitions it
+    dist.all_reduce(table)
+    embedding_rms = float((table[0] / table[1]).sqrt())  # per-dimension RMS of E: what σ and γ are measured in
+    if pipelined:
+        engine, _, _ = build_engine(cfg, net.to(device), None, device)
+        steps = PipelineSteps(engine, device, cfg.train.micro_batch_size)
+        reader = ReaderWorld.first_pipeline_stage(cfg.parallel.pp)
+    else:
         engine, _, _ = build_engine(cfg, ObjectiveStep(model, objective).to(device), MegatronMPU(), device)
         steps, reader = DataParallelSteps(engine, device), None
     # ZeRO-3 keeps gathered weights for reuse; the EMA swap must partition them first (a pinned private API)
@@ -151,7 +158,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
         sampler = TrainingSamples(cfg, model, objective, manifest, rank)
 
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
-    last_checkpoint = None
+    last_checkpoint, decision, warned = None, None, False
+    decision_gammas = None  # the decision diagnostic's γ grid (MDM training has no γ to probe)
+    if cfg.train.decision_points and cfg.objective.kind == "mlfm":
+        decision_gammas = torch.linspace(cfg.objective.gamma_min, cfg.objective.gamma_max, cfg.train.decision_points,
+                                         dtype=torch.float64)
     if cfg.train.resume is not None and (found := checkpoint.resolve(cfg.train.resume, ckpt_dir)) is not None:
         loading = time.perf_counter()
         client, own, info = checkpoint.load(engine, *found)
@@ -162,6 +173,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
         if data is not None:
             data.load_state_dict(client["loader"])
         objective.load_state_dict(client["objective"])
+        decision = client.get("decision")
         _set_rng_state(client["rng"])
         ema.load_state_dict(own["ema"])
         last_checkpoint = str(found[0] / found[1])
@@ -191,14 +203,14 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
                                                  "block_ids": raw["block_id"].tolist()}) + "\n")
             batches = [to_micro_batch(raw, device) for raw in raws]
         seeds = [step_seed(cfg.seed, state["step"], micro, dp_rank) for micro in range(cfg.train.grad_accum)]
-        loss_mean, rows = steps.train(batches, seeds)  # rows: (γ, ce, tokens) per sequence of the step, all DP
+        loss_mean, rows = steps.train(batches, seeds)  # rows: (γ, ce, tokens, p) per sequence of the step, all DP
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         good = guard.check(state["step"] + 1, loss_mean, grad_norm, last_checkpoint)
         if good:
             ema.update()
         if not engine.was_step_applied():  # skipped (overflow), and its LR step too: keep the schedule on the step
             engine.lr_scheduler.step()
-        objective.observe(rows[0], rows[1])
+        objective.observe(rows[0], rows[1], rows[3])
         tokens = int(rows[2].sum())
         state["step"] += 1
         state["samples"] += cfg.train.micro_batch_size * cfg.train.grad_accum * dp
@@ -219,23 +231,35 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
             logger.console(state["step"], cfg.train.steps, values, start_step)
         if val and (state["step"] % cfg.train.eval_every == 0 or state["step"] == cfg.train.steps):
             val_seeds = [step_seed(cfg.seed, -1, i, dp_rank) for i in range(cfg.train.eval_batches)]
-            values = {"val_loss": steps.evaluate(val, val_seeds)}
-            with ema.swapped():
-                values["val_loss_ema"] = steps.evaluate(val, val_seeds)
+            values = {"val_loss": steps.evaluate(val, val_seeds)[0]}
+            with ema.swapped():  # the weights that are exported and sampled from
+                values["val_loss_ema"] = steps.evaluate(val, val_seeds)[0]
+                if decision_gammas is not None:
+                    decision = measure_decision(steps, objective, val, val_seeds, decision_gammas)
+            if (window := window_of(decision)) is not None and decision_gammas is not None:
+                values.update({f"decision_{k}": v for k, v in window.to_dict().items()})
+                message = misplacement_warning(window, objective.schedule)
+                values["decision_misplaced"] = float(message is not None)
+                if message is not None and not warned and rank == 0:
+                    print(f"WARNING (step {state['step']}): {message}", file=sys.stderr, flush=True)
+                    warned = True
             logger.log(state["step"], values)
+            if decision_gammas is not None:
+                logger.log_profile(state["step"], "decision", decision)
             logger.console(state["step"], cfg.train.steps, values, start_step)
         if sampler is not None and state["step"] % cfg.sample.validation.every == 0:
             with ema.swapped():
-                values = sampler(state["step"])
+                values = sampler(state["step"], window_of(decision))
             logger.log(state["step"], values)
             logger.console(state["step"], cfg.train.steps, values, start_step)
         preempted = stop is not None and stop.agreed(device) and state["step"] < cfg.train.steps
         if state["step"] % cfg.checkpoint.every == 0 or state["step"] == cfg.train.steps or preempted:
             client = {"state": state, "loader": None if data is None else data.state_dict(),
                       "objective": objective.state_dict(), "rng": _rng_state(), "manifest_sha256": data_hash,
-                      "config": cfg.model_dump(mode="json")}
+                      "config": cfg.model_dump(mode="json"), "decision": decision}
             info = {"step": state["step"], "world_size": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
                     "dp": dp, "zero_stage": cfg.parallel.zero_stage, "manifest_sha256": data_hash,
+                    "embedding_rms": embedding_rms,
                     "stages": pipeline.stage_boundaries(engine.module) if pipelined else None}
             saving = time.perf_counter()
             tag = checkpoint.save(engine, ckpt_dir, state["step"], client, {"ema": ema.state_dict()}, info,
@@ -246,7 +270,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
         if state["step"] % cfg.log.plot_every == 0 or state["step"] == cfg.train.steps:
             curve = objective.curve
             logger.plot(None if curve is None else tuple(t.numpy() for t in curve.ce_curve()),
-                        _density(objective.schedule, cfg))
+                        _density(objective.schedule, cfg), decision, _sampling_grid(objective.schedule, cfg, decision))
         if preempted:
             break
     logger.close()
@@ -271,6 +295,15 @@ def _resident_bytes(engine) -> dict[str, int]:
 def _density(schedule, cfg: Config) -> tuple:
     grid = torch.linspace(cfg.objective.gamma_min, cfg.objective.gamma_max, 200, dtype=torch.float64)
     return grid.numpy(), schedule.pdf(grid).numpy()
+
+
+def _sampling_grid(schedule, cfg: Config, decision: dict | None) -> torch.Tensor:
+    """The γ grid the configured sampler would use with the current training law and decision window."""
+    from mlfm_scale.flow.decision import window_of
+    from mlfm_scale.sample.grid import gamma_grid, sampling_range
+
+    return gamma_grid(schedule, cfg.sample.steps, *sampling_range(cfg.sample, window_of(decision), schedule)[:2],
+                      cfg.sample.grid)
 
 
 def _first_batches(cfg: Config, reader, device: torch.device) -> list:

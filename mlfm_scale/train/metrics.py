@@ -1,5 +1,6 @@
 """What a run reports, on rank 0: a console line, ``metrics.jsonl`` always, wandb when enabled (offline by
-default), and PNG plots (the loss curves; CE per γ-bin beside the active γ density)."""
+default), and PNG plots (the loss curves; CE per γ-bin and the decision profile beside the γ density and the
+sampling grid)."""
 from __future__ import annotations
 
 import json
@@ -43,8 +44,24 @@ class MetricsLogger:
         parts = [f"step {step}/{total}"] + [f"{k} {v:.4g}" for k, v in values.items()]
         print(" | ".join(parts) + f" | ETA {eta:.0f}s", flush=True)
 
-    def plot(self, curve_state: dict | None, density: tuple | None) -> None:
-        """loss.png: every loss series so far; gamma.png: CE per γ-bin and the γ density sampled now."""
+    def log_profile(self, step: int, name: str, record: dict | None) -> None:
+        """A profile (lists, e.g. the decision diagnostic) as one ``metrics.jsonl`` row ``{"step", name: record}``
+        and, in wandb, a table ``name`` of its per-γ columns."""
+        if not self.enabled or record is None:
+            return
+        self.file.write(json.dumps({"step": step, name: record}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            import wandb
+
+            columns = [k for k, v in record.items() if isinstance(v, list)]
+            rows = [list(r) for r in zip(*(record[k] for k in columns))]
+            self.wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def plot(self, curve_state: tuple | None, density: tuple | None, decision: dict | None = None,
+             grid=None) -> None:
+        """loss.png: every loss series so far; gamma.png: :func:`plot_gamma` of the run's γ curve, density,
+        decision profile and sampling grid."""
         if not self.enabled:
             return
         import matplotlib
@@ -62,22 +79,50 @@ class MetricsLogger:
         ax.legend()
         fig.savefig(self.out_dir / "loss.png", dpi=100)
         plt.close(fig)
-        if curve_state is None or density is None:
-            return
-        fig, ax = plt.subplots(figsize=(6, 4))
-        centers, ce = curve_state
-        ax.plot(centers, ce, "o-", ms=2, label="CE per γ-bin (EMA)")
-        ax.set_xlabel("γ (log noise-to-signal)")
-        ax.set_ylabel("CE (nats)")
-        twin = ax.twinx()
-        twin.plot(*density, color="tab:orange", label="γ density")
-        twin.set_ylabel("density")
-        fig.legend(loc="upper left")
-        fig.savefig(self.out_dir / "gamma.png", dpi=100)
-        plt.close(fig)
+        if density is not None:
+            plot_gamma(self.out_dir / "gamma.png", density, curve_state, decision, grid, self.cfg.name)
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def plot_gamma(path: Path, density: tuple, ce_curve: tuple | None = None, decision: dict | None = None,
+               grid=None, title: str = "") -> None:
+    """One PNG of where training and sampling spend their effort against where the model decides: the training
+    γ density (``density`` = (γ, pdf)), the γ curve's CE per bin (``ce_curve`` = (centres, CE)), the decision
+    profile (``flow.decision.decision_record``: accuracy and CE with every position corrupted, its window
+    shaded) and the sampling grid's points (``grid`` Tensor[N + 1]) as ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ax.plot(*density, color="tab:orange", label="training γ density")
+    ax.set_xlabel("γ (log noise-to-signal)")
+    ax.set_ylabel("density")
+    if grid is not None:
+        ax.plot(grid.numpy(), [0.0] * grid.numel(), "|", color="black", ms=10, label="sampling grid")
+    loss_ax = ax.twinx()
+    if ce_curve is not None:
+        loss_ax.plot(*ce_curve, "o", ms=2, color="tab:blue", label="CE per γ-bin (training)")
+    if decision is not None:
+        loss_ax.plot(decision["gamma"], decision["ce"], "s--", ms=3, color="tab:red", label="CE, all corrupted")
+        acc_ax = ax.twinx()
+        acc_ax.spines["right"].set_position(("axes", 1.13))
+        acc_ax.plot(decision["gamma"], decision["accuracy"], "^-", ms=3, color="tab:green",
+                    label="accuracy, all corrupted")
+        acc_ax.set_ylim(-0.02, 1.02)
+        acc_ax.set_ylabel("token accuracy")
+        if decision.get("window") is not None:
+            w = decision["window"]
+            ax.axvspan(w["low"], w["high"], color="tab:green", alpha=0.12, label="decision window")
+    loss_ax.set_ylabel("CE (nats)")
+    fig.legend(loc="upper left", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

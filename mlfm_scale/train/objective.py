@@ -9,6 +9,8 @@ the loss on its last. Every draw comes from the one ``torch.Generator`` passed i
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,17 +58,27 @@ class MLFMObjective:
         self.special_ids = torch.tensor(sorted(set(special_ids) | {mask_id}))
         self.curve = active_curve_for(cfg)
         self._schedule = gamma_schedule_for(cfg, self.curve)
+        self._probe: float | None = None
+
+    @contextmanager
+    def probing(self, gamma: float) -> Iterator[None]:
+        """Inside, every row is drawn at γ = ``gamma`` with all its valid positions corrupted and no crop: the
+        decision diagnostic (``flow/decision.py``) run through the same engine as validation, on every layout."""
+        self._probe = float(gamma)
+        try:
+            yield
+        finally:
+            self._probe = None
 
     @property
     def schedule(self) -> GammaSchedule:
         return self._schedule
 
     # ------------------------------------------------------------------------------------ γ curve
-    def observe(self, gamma: torch.Tensor, ce: torch.Tensor) -> None:
-        """Feed per-sequence γ [N] and corrupted-set CE [N] (gathered over ranks by the caller)."""
+    def observe(self, gamma: torch.Tensor, ce: torch.Tensor, mask_ratio: torch.Tensor) -> None:
+        """Feed per-sequence γ, corrupted-set CE and mask ratio, each [N] (gathered over ranks by the caller)."""
         if self.curve is not None:
-            keep = torch.isfinite(ce)
-            self.curve.observe(gamma[keep], ce[keep])
+            self.curve.observe(gamma, ce, mask_ratio)
 
     def update_curve(self) -> bool:
         """Move the active curve toward its fitted target; True (and the schedule rebuilt) if it moved."""
@@ -108,6 +120,9 @@ class MLFMObjective:
             valid = batch.response & (torch.arange(batch.tokens.size(1), device=device)[None] < batch.lengths[:, None])
             whole = torch.rand(b, generator=generator, device=generator.device) < 0.5
             p = torch.where(whole.to(device), torch.ones_like(p), p)
+        if self._probe is not None:
+            gamma = torch.full((b,), self._probe, device=device)
+            return Draw(gamma=gamma, p=torch.ones_like(p), corrupted=valid, valid=valid)
         corrupted = sample_corrupted(valid, p, generator)
         if c.kind == "mdm":
             gamma = torch.full((b,), c.gamma_max, device=device)
@@ -153,7 +168,7 @@ class MLFMObjective:
     def crop(self, batch: MicroBatch, generator: torch.Generator) -> MicroBatch:
         """Pretraining keeps a random prefix of the micro-batch with probability ``crop_probability`` (the
         first draws of a micro-batch's generator; no draw when cropping is off or for SFT)."""
-        if batch.response is None and self.cfg.crop_probability > 0:
+        if batch.response is None and self.cfg.crop_probability > 0 and self._probe is None:
             draw = torch.rand(2, generator=generator, device=generator.device)
             if draw[0] < self.cfg.crop_probability:
                 return batch.prefix(1 + int(draw[1] * batch.tokens.size(1)))

@@ -1,8 +1,8 @@
 """One optimizer step and one evaluation pass, for each engine layout, behind one interface:
 
     steps.train(micro_batches, seeds) → (loss: mean over micro-batches and data-parallel ranks,
-                                          per-sequence (γ, ce, tokens) [3, N] of the whole step, N over all DP ranks)
-    steps.evaluate(batches, seeds)    → mean objective over the batches and data-parallel ranks
+                                          per-sequence STEP_ROWS [5, N] of the whole step, N over all DP ranks)
+    steps.evaluate(batches, seeds)    → (mean objective over the batches and data-parallel ranks, STEP_ROWS [5, N])
 
 ``DataParallelSteps`` (pp = 1) runs the model and objective as one module per micro-batch; ``PipelineSteps``
 feeds the micro-batches to DeepSpeed's pipeline schedule. Only ``reads_data`` ranks are given batches.
@@ -15,7 +15,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from mlfm_scale.data.batch import MicroBatch
-from mlfm_scale.parallel.pipeline import last_stage_diagnostics
+from mlfm_scale.parallel.pipeline import STEP_ROWS, last_stage_diagnostics
 
 
 class ObjectiveStep(nn.Module):
@@ -61,17 +61,21 @@ class DataParallelSteps:
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += float(loss.detach()) / len(micro_batches)
-            rows.append(torch.stack([diag[k].float() for k in ("gamma", "ce", "tokens")]))
+            rows.append(torch.stack([diag[k].float() for k in STEP_ROWS]))
         loss_mean = float(dp_mean(torch.tensor([loss_sum], dtype=torch.float64), self.device))
         return loss_mean, dp_gather(torch.cat(rows, dim=1), self.device)
 
     @torch.no_grad()
-    def evaluate(self, batches: list[MicroBatch], seeds: list[int]) -> float:
+    def evaluate(self, batches: list[MicroBatch], seeds: list[int]) -> tuple[float, torch.Tensor]:
         self.engine.eval()
-        total = sum(float(self.engine(b.tokens, b.lengths, b.segment_ids, seed, b.response)[0])
-                    for b, seed in zip(batches, seeds, strict=True))
+        total, rows = 0.0, []
+        for b, seed in zip(batches, seeds, strict=True):
+            loss, diag = self.engine(b.tokens, b.lengths, b.segment_ids, seed, b.response)
+            total += float(loss)
+            rows.append(torch.stack([diag[k].float() for k in STEP_ROWS]))
         self.engine.train()
-        return float(dp_mean(torch.tensor([total / len(batches)], dtype=torch.float64), self.device))
+        loss_mean = float(dp_mean(torch.tensor([total / len(batches)], dtype=torch.float64), self.device))
+        return loss_mean, dp_gather(torch.cat(rows, dim=1), self.device)
 
 
 class PipelineSteps:
@@ -79,8 +83,8 @@ class PipelineSteps:
     the batches (with each micro-batch's seed); the last stage computes the loss from what the first stage
     sent it, so it reads no data (it is handed placeholders)."""
 
-    def __init__(self, engine, device: torch.device, rows: int):
-        self.engine, self.device, self.rows = engine, device, rows
+    def __init__(self, engine, device: torch.device, micro_batch_size: int):
+        self.engine, self.device, self.micro_batch_size = engine, device, micro_batch_size
         self.reads_data = ps.is_pipeline_first_stage()
 
     def _feed(self, batches: list[MicroBatch] | None, seeds: list[int]):
@@ -95,9 +99,13 @@ class PipelineSteps:
 
     def train(self, micro_batches: list[MicroBatch] | None, seeds: list[int]) -> tuple[float, torch.Tensor]:
         loss = self.engine.train_batch(data_iter=self._feed(micro_batches, seeds))  # DP mean, on every stage
-        diagnostics = last_stage_diagnostics(self.engine.module, self.rows, self.device)
-        return float(loss), dp_gather(diagnostics, self.device)
+        return float(loss), self._rows(len(seeds))
 
-    def evaluate(self, batches: list[MicroBatch] | None, seeds: list[int]) -> float:
+    def evaluate(self, batches: list[MicroBatch] | None, seeds: list[int]) -> tuple[float, torch.Tensor]:
         loss = self.engine.eval_batch(self._feed(batches, seeds), num_micro_batches=len(seeds))
-        return float(loss)
+        return float(loss), self._rows(len(seeds))
+
+    def _rows(self, micro_batches: int) -> torch.Tensor:
+        """STEP_ROWS of the micro-batches just run, from the last stage, gathered over data-parallel ranks."""
+        diagnostics = last_stage_diagnostics(self.engine.module, micro_batches * self.micro_batch_size, self.device)
+        return dp_gather(diagnostics, self.device)

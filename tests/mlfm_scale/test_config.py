@@ -12,6 +12,15 @@ def test_every_shipped_config_validates(path):
     assert isinstance(load_config(path), Config)
 
 
+@pytest.mark.parametrize("preset", ["smdm-170m", "smdm-1028m", "8b"])
+def test_production_presets_do_not_inherit_the_demo_settings(preset):
+    cfg, demo = load_config(CONFIGS / f"{preset}.yaml"), load_config(CONFIGS / "tiny.yaml")
+    assert (cfg.train.ema_decay, cfg.train.adam_betas, cfg.train.weight_decay) == (0.999, (0.9, 0.95), 0.01)
+    assert (cfg.train.warmup_steps, cfg.train.min_lr_ratio, cfg.train.steps) == (3000, 0.1, 200000)
+    assert cfg.checkpoint.every > demo.checkpoint.every and cfg.checkpoint.keep_every is not None
+    assert cfg.train.eval_every >= 1000 and cfg.model.embedding_std == "litgpt"
+
+
 def test_dotted_overrides_are_typed():
     cfg = load_config(CONFIGS / "tiny.yaml", ["train.lr=3e-4", "parallel.tp=2", "train.resume=auto",
                                               "model.attend_within_documents=true", "data.prep.tokenizer=null"])

@@ -67,8 +67,24 @@ def test_bridge_forward_observed_positions_are_bit_exact(dtype):
     e, m = (x.to(dtype) for x in _embeddings(3, 40, 16))
     corrupted = torch.rand(3, 40, generator=torch.Generator().manual_seed(3)) < 0.5
     z = bridge_forward(e, m, torch.tensor([0.2, 0.5, 0.8]), corrupted, SIGMA, torch.Generator().manual_seed(4))
-    assert z.dtype == dtype and torch.equal(z[~corrupted], e[~corrupted])
-    assert not bool((z[corrupted] == e[corrupted]).all(dim=-1).any())
+    assert z.dtype == torch.float32 and torch.equal(z[~corrupted], e[~corrupted].float())
+    assert not bool((z[corrupted] == e[corrupted].float()).all(dim=-1).any())
+
+
+def test_z_is_computed_in_fp32_under_bf16_compute():
+    """At low t the token signal t·(e − m) is far below bf16's resolution of z ≈ m: z and the SDE state must be
+    float32 so the network (which casts once) and many small sampler steps do not lose it."""
+    e, m = (x.to(torch.bfloat16) for x in _embeddings(2, 30, 16))
+    t = torch.tensor([1e-3, 2e-3])
+    z = bridge_forward(e, m, t, torch.ones(2, 30, dtype=torch.bool), SIGMA, torch.Generator().manual_seed(4))
+    eps = torch.randn(e.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float32).double()
+    tt = t.double()[:, None, None]
+    exact = (1 - tt) * m.double() + tt * e.double() + SIGMA * torch.sqrt(tt * (1 - tt)) * eps
+    assert z.dtype == torch.float32
+    assert float((z.double() - exact).abs().max()) < 1e-6
+    assert float((z.to(torch.bfloat16).double() - exact).abs().max()) > 1e-4  # what bf16 would have kept
+    step = sde_step(z, e.float(), 1e-3, 1.1e-3, SIGMA, torch.Generator().manual_seed(5))
+    assert step.dtype == torch.float32
 
 
 def test_bridge_noise_does_not_depend_on_other_positions_masks():

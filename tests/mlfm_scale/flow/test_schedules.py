@@ -74,12 +74,16 @@ def test_mask_ratio_endpoints_and_shapes():
 @pytest.mark.parametrize("name", list(_schedules()))
 def test_schedule_cdf_icdf_pdf_are_consistent(name):
     schedule = _schedules()[name]
+    at_min = float(schedule.cdf(torch.tensor(GMIN, dtype=F64)))  # point masses of clamped laws
+    at_max = 1.0 - float(schedule.cdf(torch.tensor(GMAX - 1e-12, dtype=F64)))
     q = torch.linspace(0.001, 0.999, 199, dtype=F64)
+    q = q[(q > at_min + 1e-9) & (q < 1 - at_max - 1e-9)]
     torch.testing.assert_close(schedule.cdf(schedule.icdf(q)), q, rtol=0, atol=1e-9)
     g = torch.linspace(GMIN + 0.013, GMAX - 0.013, 157, dtype=F64)
     torch.testing.assert_close(schedule.icdf(schedule.cdf(g)), g, rtol=0, atol=1e-7)
     dense = torch.linspace(GMIN, GMAX, 40001, dtype=F64)
-    assert float(torch.trapezoid(schedule.pdf(dense), dense)) == pytest.approx(1.0, abs=2e-3)
+    continuous = float(torch.trapezoid(schedule.pdf(dense), dense))
+    assert continuous + at_min + at_max == pytest.approx(1.0, abs=2e-3)
     h = 1e-6
     derivative = (schedule.cdf(g + h) - schedule.cdf(g - h)) / (2 * h)
     torch.testing.assert_close(schedule.pdf(g), derivative, rtol=1e-5, atol=1e-7)
@@ -88,13 +92,23 @@ def test_schedule_cdf_icdf_pdf_are_consistent(name):
     assert float(gamma.min()) >= GMIN and float(gamma.max()) <= GMAX
 
 
-def test_truncated_normal_matches_its_closed_form():
-    schedule = NormalGamma(-2.5, 2.0, GMIN, GMAX)
-    normal = torch.distributions.Normal(torch.tensor(-2.5, dtype=F64), torch.tensor(2.0, dtype=F64))
-    lo, hi = normal.cdf(torch.tensor(GMIN, dtype=F64)), normal.cdf(torch.tensor(GMAX, dtype=F64))
-    g = torch.linspace(GMIN, GMAX, 33, dtype=F64)
-    torch.testing.assert_close(schedule.cdf(g), (normal.cdf(g) - lo) / (hi - lo), rtol=0, atol=1e-12)
-    torch.testing.assert_close(schedule.pdf(g), normal.log_prob(g).exp() / (hi - lo), rtol=1e-12, atol=0)
+@pytest.mark.parametrize("law", ["normal", "gumbel"])
+def test_clamped_laws_put_exact_point_masses_at_the_ends(law):
+    """MLFM.md: normal and Gumbel are drawn untruncated and clamped, so the mass beyond each end sits on it."""
+    lo, hi = -1.0, 1.5
+    schedule = (NormalGamma if law == "normal" else GumbelGamma)(0.0, 2.0, lo, hi)
+    base = (torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(2.0, dtype=F64)).cdf if
+            law == "normal" else lambda g: torch.exp(-torch.exp(-g / 2.0)))
+    below, above = float(base(torch.tensor(lo, dtype=F64))), 1.0 - float(base(torch.tensor(hi, dtype=F64)))
+    assert schedule.atoms() == pytest.approx((below, above), abs=1e-12)
+    n = 20000
+    gamma = schedule.sample(stratified_uniform(n, torch.Generator().manual_seed(1)))
+    assert float((gamma == lo).double().mean()) == pytest.approx(below, abs=1.5 / n)  # stratified: ±1 sample
+    assert float((gamma == hi).double().mean()) == pytest.approx(above, abs=1.5 / n)
+    inside = torch.linspace(lo + 0.1, hi - 0.1, 9, dtype=F64)
+    torch.testing.assert_close(schedule.cdf(inside), base(inside), rtol=0, atol=1e-12)  # not renormalised
+    assert float(schedule.cdf(torch.tensor(lo, dtype=F64))) == pytest.approx(below, abs=1e-12)
+    assert float(schedule.cdf(torch.tensor(hi, dtype=F64))) == 1.0
 
 
 def test_schedule_keeps_the_input_dtype():
@@ -116,15 +130,32 @@ def test_make_gamma_schedule_builds_each_kind():
         make_gamma_schedule("cosine", GMIN, GMAX)
 
 
+def test_active_weight_goes_to_the_normal_law_until_the_first_fit():
+    curve = ActiveGammaCurve(GMIN, GMAX)
+    g = torch.linspace(GMIN, GMAX, 41, dtype=F64)
+    normal, uniform = NormalGamma(-2.5, 2.0, GMIN, GMAX), UniformGamma(GMIN, GMAX)
+    before = make_gamma_schedule("active_mixture", GMIN, GMAX, active=curve)
+    torch.testing.assert_close(before.cdf(g), 0.1 * uniform.cdf(g) + 0.9 * normal.cdf(g), rtol=0, atol=1e-12)
+    torch.testing.assert_close(make_gamma_schedule("active_piecewise", GMIN, GMAX, active=curve).cdf(g),
+                               normal.cdf(g), rtol=0, atol=1e-12)
+    curve.knots = torch.linspace(-1.0, 1.0, curve.quantiles, dtype=F64)
+    after = make_gamma_schedule("active_mixture", GMIN, GMAX, active=curve)
+    learned = PiecewiseGamma(curve.knots, GMIN, GMAX)
+    expected = 0.1 * uniform.cdf(g) + 0.2 * normal.cdf(g) + 0.7 * learned.cdf(g)
+    torch.testing.assert_close(after.cdf(g), expected, rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------- active curve
 LOC, SCALE, POWER = -2.0, 1.0, 1.5
+TRUE_MEDIAN = LOC + SCALE * math.log(0.5 ** (1 / POWER) / (1 - 0.5 ** (1 / POWER)))
 
 
-def _feed(curve, ce_of_gamma, calls=300, batch=256, seed=0):
+def _feed(curve, ce_of_gamma, calls=300, batch=256, seed=0, low=GMIN, high=GMAX, mask_ratio=None):
     generator = torch.Generator().manual_seed(seed)
     for _ in range(calls):
-        gamma = GMIN + (GMAX - GMIN) * torch.rand(batch, generator=generator, dtype=F64)
-        curve.observe(gamma, ce_of_gamma(gamma, generator))
+        gamma = low + (high - low) * torch.rand(batch, generator=generator, dtype=F64)
+        p = None if mask_ratio is None else torch.full((batch,), mask_ratio, dtype=F64)
+        curve.observe(gamma, ce_of_gamma(gamma, generator), p)
 
 
 def _logistic_ce(gamma, generator):
@@ -132,52 +163,96 @@ def _logistic_ce(gamma, generator):
     return 2.0 + 5.0 * _logistic(gamma, LOC, SCALE, POWER) + noise
 
 
-def test_active_curve_recovers_a_generalised_logistic():
-    curve = ActiveGammaCurve(GMIN, GMAX)
+@pytest.mark.parametrize("estimator", ["logistic", "isotonic"])
+def test_active_curve_recovers_a_generalised_logistic(estimator):
+    curve = ActiveGammaCurve(GMIN, GMAX, estimator=estimator)
     _feed(curve, _logistic_ce)
     gamma, ce = curve.ce_curve()
-    assert gamma.numel() == curve.bins  # bias correction: the EMA sits on the true curve, not toward 0
+    assert gamma.numel() == curve.bins  # decayed sums over decayed counts: the mean, not biased toward 0
     torch.testing.assert_close(ce, 2.0 + 5.0 * _logistic(gamma, LOC, SCALE, POWER), rtol=0, atol=0.05)
     knots = curve.target_knots()
     assert knots is not None and knots.shape == (curve.quantiles,)
     assert (float(knots[0]), float(knots[-1])) == (GMIN, GMAX) and bool((knots.diff() >= 0).all())
-    true_median = LOC + SCALE * math.log(0.5 ** (1 / POWER) / (1 - 0.5 ** (1 / POWER)))
-    assert float(knots[50]) == pytest.approx(true_median, abs=0.1)
+    assert float(knots[50]) == pytest.approx(TRUE_MEDIAN, abs=0.1)
     dense = torch.linspace(GMIN, GMAX, 2001, dtype=F64)
     true = _logistic(dense, LOC, SCALE, POWER)
     true = (true - true[0]) / (true[-1] - true[0])
     implied = PiecewiseGamma(knots, GMIN, GMAX).cdf(dense)
-    assert float((implied - true).abs().max()) < 0.02
+    assert float((implied - true).abs().max()) < (0.02 if estimator == "logistic" else 0.05)
 
 
 def test_active_curve_rejects_a_flat_noisy_curve():
     curve = ActiveGammaCurve(GMIN, GMAX)
     _feed(curve, lambda g, gen: 3.0 + 0.05 * torch.randn(g.shape, generator=gen, dtype=F64), calls=50)
-    before = curve.knots.clone()
     assert curve.target_knots() is None
-    assert curve.update() is False and torch.equal(curve.knots, before)
+    assert curve.update() is False and curve.knots is None and curve.schedule() is None
 
 
-def test_active_curve_ignores_unseen_bins_and_update_moves_by_rate():
+def test_a_fit_needs_enough_evidence():
+    """Too few examples, too few populated bins, or bins below the per-cell count: no fit."""
+    few = ActiveGammaCurve(GMIN, GMAX, min_examples=4096)
+    _feed(few, _logistic_ce, calls=10)  # 2560 examples
+    assert few.evidence() is None and few.update() is False
+    narrow = ActiveGammaCurve(GMIN, GMAX, min_bins=8)  # all rows in 6 bins of width 0.125
+    _feed(narrow, _logistic_ce, calls=40, low=-2.0, high=-1.25)
+    assert narrow.evidence() is None
+    sparse = ActiveGammaCurve(GMIN, GMAX, min_bin_count=20, min_examples=0)
+    _feed(sparse, _logistic_ce, calls=1, batch=512)  # ≈ 4 rows per bin
+    assert sparse.evidence() is None
+    sparse.min_bin_count = 2
+    gamma, _, counts = sparse.evidence()
+    assert bool((counts >= 2).all()) and gamma.numel() < sparse.bins
+
+
+def test_the_fit_is_weighted_by_counts():
+    """Bins with few examples but a wild CE barely move a count-weighted fit; unweighted they would."""
+    curve = ActiveGammaCurve(GMIN, GMAX, bins=64, min_bin_count=1, r2_min=0.0)
+    _feed(curve, _logistic_ce, calls=200, low=-8.0, high=4.0)
+    _feed(curve, lambda g, gen: torch.full_like(g, 7.0), calls=1, batch=64, low=-10.0, high=-8.0, seed=9)
+    weighted = curve.target_knots()
+    gamma, ce, _ = curve.evidence()
+    from mlfm_scale.flow.logistic import fit_generalised_logistic
+
+    plain = fit_generalised_logistic(gamma, (ce - ce.min()) / (ce.max() - ce.min()))
+    assert abs(float(weighted[50]) - TRUE_MEDIAN) < 0.15
+    assert plain.r2 < 0.9  # the outliers wreck an unweighted fit
+
+
+def test_mask_ratio_filter_keeps_only_high_mask_ratio_rows():
+    curve = ActiveGammaCurve(GMIN, GMAX, mask_ratio_min=0.95)
+    _feed(curve, lambda g, gen: torch.full_like(g, 9.0), calls=20, mask_ratio=0.5, seed=3)
+    assert float(curve.counts.sum()) == 0.0
+    _feed(curve, _logistic_ce, calls=50, mask_ratio=1.0)
+    gamma, ce = curve.ce_curve()
+    torch.testing.assert_close(ce, 2.0 + 5.0 * _logistic(gamma, LOC, SCALE, POWER), rtol=0, atol=0.1)
+    unfiltered = ActiveGammaCurve(GMIN, GMAX)
+    _feed(unfiltered, lambda g, gen: torch.full_like(g, 9.0), calls=20, mask_ratio=0.5, seed=3)
+    assert float(unfiltered.counts.sum()) > 0
+
+
+def test_first_fit_is_taken_in_full_later_ones_blend_at_rate():
     curve = ActiveGammaCurve(GMIN, GMAX, rate=0.25)
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(100):
-        gamma = -6.0 + 8.0 * torch.rand(256, generator=generator, dtype=F64)  # half the range never seen
-        curve.observe(gamma, _logistic_ce(gamma, generator))
+    _feed(curve, _logistic_ce, calls=100, low=-6.0, high=2.0)  # half the range never seen
     seen, _ = curve.ce_curve()
     assert 0 < seen.numel() < curve.bins and float(seen.min()) > -6.1 and float(seen.max()) < 2.1
+    first = curve.target_knots()
+    assert curve.knots is None and curve.update() is True and curve.updates == 1
+    assert torch.equal(curve.knots, first)
+    _feed(curve, lambda g, gen: _logistic_ce(g + 1.0, gen), calls=400, low=-6.0, high=2.0, seed=2)
     before, target = curve.knots.clone(), curve.target_knots()
-    assert target is not None
-    assert curve.update() is True
+    assert curve.update() is True and curve.updates == 2
     torch.testing.assert_close(curve.knots, before + 0.25 * (target - before), rtol=0, atol=1e-12)
     assert torch.equal(curve.schedule().knots, curve.knots)
 
 
 def test_active_curve_state_round_trips_exactly():
-    curve = ActiveGammaCurve(GMIN, GMAX, bins=32, quantiles=21)
+    curve = ActiveGammaCurve(GMIN, GMAX, bins=32, quantiles=21, min_examples=0)
+    fresh = ActiveGammaCurve(GMIN, GMAX, bins=32, quantiles=21)
+    fresh.load_state_dict(curve.state_dict())
+    assert fresh.knots is None
     _feed(curve, _logistic_ce, calls=40)
-    curve.update()
-    restored = ActiveGammaCurve(GMIN, GMAX, bins=32, quantiles=21)
+    assert curve.update()
+    restored = ActiveGammaCurve(GMIN, GMAX, bins=32, quantiles=21, min_examples=0)
     restored.load_state_dict(curve.state_dict())
     for key, value in curve.state_dict().items():
         other = restored.state_dict()[key]
@@ -185,3 +260,7 @@ def test_active_curve_state_round_trips_exactly():
     assert torch.equal(restored.target_knots(), curve.target_knots())
     with pytest.raises(UserError, match="bins"):
         ActiveGammaCurve(GMIN, GMAX, bins=16, quantiles=21).load_state_dict(curve.state_dict())
+    old = {"ce_ema": torch.zeros(32, dtype=F64), "counts": torch.zeros(32, dtype=torch.int64),
+           "knots": curve.knots.clone(), "gamma_min": GMIN, "gamma_max": GMAX}  # before count-weighted statistics
+    restored.load_state_dict(old)
+    assert torch.equal(restored.knots, curve.knots) and float(restored.counts.sum()) == 0.0

@@ -15,9 +15,11 @@ TOKENIZER = {"vocab_size": VOCAB, "mask_id": VOCAB - 1, "eos_id": 0, "pad_id": 1
 def export_model(model, out, dtype="fp32", max_shard_bytes=1 << 30, curve=None):
     cfg = Config(model=CFG)
     full = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
-    write_safetensors(export_tensors(full, VOCAB), out, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
-                      max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(export_config(cfg, TOKENIZER, curve, out, "raw", dtype)))
+    tensors = export_tensors(full, VOCAB)
+    write_safetensors(tensors, out, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], max_shard_bytes)
+    client = {"objective": {"curve": curve}}
+    config = export_config(cfg, TOKENIZER, client, tensors["embedding.weight"], out, "raw", dtype)
+    (out / "config.json").write_text(json.dumps(config))
 
 
 def test_logits_match_the_megatron_model(process_group, tmp_path):

@@ -1,4 +1,6 @@
 """The megatron-core MLFM network: AdaLN, attention segments, recompute, vocab-parallel outputs, TP parity."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,30 @@ def test_document_restricted_attention_isolates_documents(process_group):
 def test_input_embedding_is_frozen_unless_asked(process_group):
     assert not build().embedding.weight.requires_grad
     assert build(cfg=CFG.model_copy(update={"freeze_embeddings": False})).embedding.weight.requires_grad
+
+
+def test_initial_embedding_table_has_the_litgpt_scale(process_group):
+    """MLFM.md, Noise geometry: σ and γ are tuned for a table of per-dimension std √(2/(5d)) (SMDM/LitGPT)."""
+    from mlfm_scale.model.mlfm import embedding_square_sums
+
+    wide = CFG.model_copy(update={"hidden_size": 256, "num_heads": 4})
+    model = MLFMModel(wide, 4000)
+    sums = embedding_square_sums(model, 4000)
+    assert int(sums[1]) == 4000 * 256  # the real rows only, not the padding to 4096
+    rms = float((sums[0] / sums[1]).sqrt())
+    assert rms == pytest.approx(math.sqrt(2 / (5 * 256)), rel=0.01)
+    unit = MLFMModel(wide.model_copy(update={"embedding_std": 1.0}), 4000)
+    assert float(unit.embedding.weight.std()) == pytest.approx(1.0, rel=0.01)
+    with pytest.raises(ValueError, match="embedding_std"):
+        ModelSection(embedding_std=-1.0)
+
+
+def test_model_takes_float32_z_under_bf16_compute(process_group):
+    """The forward process hands over z in float32; a bf16 network casts it once, on entry."""
+    model = build(dtype=torch.bfloat16)
+    z, gamma, _ = inputs()
+    logits = model(z, gamma)
+    assert z.dtype == torch.float32 and logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
 
 
 def test_recompute_gives_identical_gradients(process_group):

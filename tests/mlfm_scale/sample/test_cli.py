@@ -26,11 +26,14 @@ def export_dir(tmp_path_factory, process_group):
     torch.manual_seed(0)
     model = MLFMModel(CFG, vocab)
     full = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
-    write_safetensors(export_tensors(full, vocab), out, torch.float32, 1 << 30)
+    tensors = export_tensors(full, vocab)
+    write_safetensors(tensors, out, torch.float32, 1 << 30)
     cfg = Config(model=ModelSection(**CFG.model_dump()), data={"seq_len": 32},
                  sample=SampleSection(steps=3, length=6, temperature=1.0))
     tokenizer = {"vocab_size": vocab, "mask_id": ids.mask, "eos_id": ids.eos, "pad_id": ids.pad}
-    (out / "config.json").write_text(json.dumps(export_config(cfg, tokenizer, None, out, "raw", "fp32")))
+    config = export_config(cfg, tokenizer, {"objective": {"curve": None}}, tensors["embedding.weight"], out, "raw",
+                           "fp32")
+    (out / "config.json").write_text(json.dumps(config))
     (out / "generation_config.json").write_text(json.dumps(cfg.sample.model_dump(mode="json")))
     return out
 
@@ -48,10 +51,28 @@ def test_prompts_to_jsonl_with_export_defaults(export_dir, capsys):
     for line in lines:
         assert len(line["token_ids"]) == 6 and line["nfe"] == line["rounds"] * (3 + 1) and line["seconds"] > 0
         assert isinstance(line["text"], str) and line["method"] == "mlfm" and line["steps"] == 3
+        assert line["gamma_min_source"] == "gamma_law_median"  # no measured window in this export
+        assert -2.6 < line["gamma_min"] < -2.4  # median of 0.1 uniform[−10, 6] + 0.9 normal(−2.5, 2)
     assert lines[0]["prompt"] == "Story of Mila."
     _, again, _ = sample(capsys, "--model", str(export_dir), "--prompt", "Story of Mila.", "--prompt", "",
                          "--no-stop-at-eos")
     assert again == [dict(line, seconds=a["seconds"]) for line, a in zip(lines, again)]  # same seed, same samples
+
+
+def test_gamma_min_auto_ends_in_the_recorded_decision_window(export_dir, tmp_path, capsys):
+    measured = tmp_path / "measured"
+    shutil.copytree(export_dir, measured)
+    config = json.loads((measured / "config.json").read_text())
+    config["decision"] = {"gamma": [-4.0, 0.0], "accuracy": [1.0, 0.1], "ce": [0.1, 4.0],
+                          "window": {"low": -3.1, "mid": -1.75, "high": -0.4}}
+    (measured / "config.json").write_text(json.dumps(config))
+    _, lines, _ = sample(capsys, "--model", str(measured), "--prompt", "")
+    assert (lines[0]["gamma_min"], lines[0]["gamma_min_source"]) == (-1.75, "decision_window")
+    _, lines, _ = sample(capsys, "--model", str(measured), "--prompt", "", "--gamma-min", "-3")
+    assert (lines[0]["gamma_min"], lines[0]["gamma_min_source"]) == (-3.0, "config")
+    with pytest.raises(SystemExit):
+        sample(capsys, "--model", str(measured), "--prompt", "", "--gamma-min", "low")
+    assert "invalid float or auto value: 'low'" in capsys.readouterr().err
 
 
 def test_prompts_file_flags_and_history(export_dir, tmp_path, capsys):

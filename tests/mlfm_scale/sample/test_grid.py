@@ -13,8 +13,9 @@ def test_grid_runs_from_the_99th_percentile_down_to_gamma_min_within_the_samplin
     wide = gamma_grid(NormalGamma(-2.5, 2.0, -10.0, 6.0), 64, -6.0, 6.0)
     assert (wide.diff() < 0).all()  # no step spent on a repeated point
     normal = NormalGamma(-2.5, 2.0, -10.0, 6.0)
-    torch.testing.assert_close(gamma_grid(normal, 4, -10.0, 6.0)[:4],
-                               normal.icdf(torch.linspace(0.99, 1e-6, 5, dtype=torch.float64))[:4])
+    q = torch.linspace(0.99, 1e-6, 5, dtype=torch.float64)
+    at_min = float(normal.cdf(torch.tensor(-10.0, dtype=torch.float64)))  # the clamped law's point mass at −10
+    torch.testing.assert_close(gamma_grid(normal, 4, -10.0, 6.0)[:4], normal.icdf(at_min + q * (1 - at_min))[:4])
 
 
 def test_grid_follows_the_learned_curve():

@@ -1,10 +1,14 @@
-"""The sampler end to end on in-test denoisers: what it fills, one-hot logits, NFE, seeds, batches, EOS."""
+"""The sampler end to end on in-test denoisers: what it fills, one-hot logits, NFE, seeds, batches, EOS, the
+quantile confidence."""
+import math
+
 import pytest
 import torch
 
 from mlfm_scale.config import SampleSection
 from mlfm_scale.errors import UserError
 from mlfm_scale.sample import generate
+from mlfm_scale.sample.grid import gamma_grid
 from tests.mlfm_scale.sample.toy import EOS, MASK, PAD, SEQ, ToyDenoiser, V
 
 PROMPTS = [[1, 2, 3], [], [4, 5, 6, 7, 8, 9, 10]]
@@ -35,14 +39,19 @@ def test_fixed_one_hot_logits_are_returned_in_one_promotion_round():
     assert out.rounds.tolist() == [1, 1, 1] and out.nfe.tolist() == [9, 9, 9]
 
 
-@pytest.mark.parametrize("guidance,per_round", [(0.0, 5 + 1), (2.0, 2 * 5 + 1)])
-def test_nfe_equals_the_formula_and_the_evaluations_made(guidance, per_round):
+@pytest.mark.parametrize("guidance,target,prompted", [(0.0, "velocity", 5 + 1), (2.0, "velocity", 2 * 5 + 1),
+                                                      (2.0, "logits", 2 * 5 + 2)])
+def test_nfe_equals_the_formula_and_the_evaluations_made(guidance, target, prompted):
+    """Guidance costs a row with a prompt an unconditional pass per step (and one more for the final forward
+    with the logits target); the unprompted row 1 has nothing to hide and gets none."""
     model = ToyDenoiser()
-    out = generate(model, PROMPTS, options(steps=5, threshold=0.9, guidance_scale=guidance))
+    out = generate(model, PROMPTS, options(steps=5, threshold=0.9, guidance_scale=guidance, guidance_target=target))
+    per_round = torch.tensor([prompted, 5 + 1, prompted])
     assert (out.nfe == out.rounds * per_round).all() and (out.rounds >= 1).all() and (out.rounds <= 6).all()
     assert int(out.nfe.sum()) == model.row_evaluations
-    flow = generate(model, PROMPTS, options(method="flow", steps=5, guidance_scale=guidance))
-    assert flow.rounds.tolist() == [1, 1, 1] and flow.nfe.tolist() == [per_round] * 3
+    flow = generate(model, PROMPTS, options(method="flow", steps=5, guidance_scale=guidance, guidance_target=target))
+    assert flow.rounds.tolist() == [1, 1, 1] and flow.nfe.tolist() == per_round.tolist()
+    assert int(flow.nfe.sum()) == model.row_evaluations - int(out.nfe.sum())
 
 
 def test_mdm_reveals_everything_within_its_steps_at_one_evaluation_per_row_and_step():
@@ -110,3 +119,35 @@ def test_observed_positions_enter_every_evaluation_as_their_clean_embeddings():
             assert torch.equal(z[0, observed], model.table[out.ids[0, observed]])
             assert not torch.isclose(z[0, promoted["positions"]], model.table[MASK]).all(dim=-1).any()
         observed += promoted["positions"]
+
+
+class SureAtOneStep(ToyDenoiser):
+    """Certain of token 5 at γ = ``level`` (logit 50), elsewhere leaning to token 6 (logit 2: probability 0.17)."""
+
+    def __init__(self, level: float):
+        super().__init__()
+        self.level = level
+
+    def forward(self, z, gamma, segment_ids=None):
+        super().forward(z, gamma, segment_ids)  # counts and records the call
+        sure = ((gamma - self.level).abs() < 1e-4)[:, None, None]
+        return torch.where(sure, 50.0 * one_hot(5), 2.0 * one_hot(6)).expand(-1, z.size(1), -1)
+
+
+def one_hot(token: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(token), V).float()
+
+
+@pytest.mark.parametrize("source,quantile,rounds", [("final", 0.5, 6), ("quantile", 0.5, 1), ("quantile", 0.25, 6)])
+def test_quantile_confidence_scores_the_final_tokens_by_a_mid_trajectory_draw(source, quantile, rounds):
+    """Steps: 4, so quantile 0.5 draws the confidence at step 2, where the model is sure (of another token)."""
+    grid = gamma_grid(ToyDenoiser().gamma_schedule(), 4, -6.0, 6.0)
+    model = SureAtOneStep(float(grid[2]))
+    out = generate(model, [[1, 2]], options(steps=4, gamma_min=-6.0, temperature=0.1, threshold=0.8,
+                                            confidence_temperature="untempered", confidence_source=source,
+                                            confidence_quantile=quantile), history=True)
+    assert out.generated == [[6] * 6]  # the tokens come from the final logits
+    assert int(out.rounds[0]) == rounds  # a confident mid draw promotes all at once; 0.17 one per round
+    leaning = math.exp(2) / (math.exp(2) + V - 3)  # token 6's probability without the mask and pad ids
+    scores = [s for r in out.history[0] for s in r["scores"]]
+    assert scores == pytest.approx([1.0 if rounds == 1 else leaning] * 6, rel=1e-4)

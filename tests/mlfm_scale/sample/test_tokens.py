@@ -1,6 +1,7 @@
 """Gumbel-max sampling, top-p, banned ids and the confidence scores."""
 import math
 
+import pytest
 import torch
 
 from mlfm_scale.sample.tokens import confidence, gumbel_max, sample_and_score, tempered_log_probs
@@ -37,8 +38,23 @@ def test_confidence_scores():
     assert math.isclose(float(confidence(log_probs, token, "neg_entropy")), -entropy, rel_tol=1e-6)
 
 
-def test_the_temperature_sharpens_the_draw_not_the_confidence():
+def test_untempered_confidence_is_the_models_own_probability():
     logits = PROBS.log().expand(4000, -1)
-    tokens, score = sample_and_score(logits, 0.1, 1.0, torch.tensor([3]), "prob", torch.Generator().manual_seed(0))
+    tokens, score = sample_and_score(logits, 0.1, 1.0, torch.tensor([3]), "prob", torch.Generator().manual_seed(0),
+                                     "untempered")
     assert (tokens == 0).float().mean() > 0.95  # p^10: the top token almost always
     torch.testing.assert_close(score[tokens == 0], torch.full_like(score[tokens == 0], 0.5 / 0.95))
+
+
+def test_tempered_confidence_is_the_probability_under_the_distribution_drawn_from():
+    logits, banned = PROBS.log().expand(4000, -1), torch.tensor([3])
+    tokens, score = sample_and_score(logits, 0.1, 1.0, banned, "prob", torch.Generator().manual_seed(0))
+    cold = PROBS[:3] ** 10 / (PROBS[:3] ** 10).sum()  # softmax(log p / 0.1) without the banned id
+    torch.testing.assert_close(score, cold[tokens])
+    assert float(cold[0]) > 0.99 and float(cold[1]) < 0.01  # so the default score differs from 0.5 / 0.95
+    # at temperature 1 within the nucleus {0, 1} (mass 0.8 ≥ top_p): p renormalised over the nucleus
+    tokens, score = sample_and_score(logits, 1.0, 0.7, None, "max_prob", torch.Generator().manual_seed(1))
+    assert set(tokens.tolist()) == {0, 1}
+    torch.testing.assert_close(score, torch.full_like(score, 0.625))
+    with pytest.raises(ValueError, match="tempered, untempered"):
+        sample_and_score(logits, 1.0, 1.0, None, "prob", torch.Generator(), "cold")

@@ -53,7 +53,19 @@ def test_zero3_two_ranks_trains_and_checkpoints(dp2):
         info = json.loads((ckpts / tag / "checkpoint.json").read_text())
         assert info["world_size"] == 2 and info["dp"] == 2 and {"rank00000.pt", "rank00001.pt"} <= set(info["files"])
     assert (dp2 / "loss.png").stat().st_size > 0 and (dp2 / "gamma.png").stat().st_size > 0
+    assert info["embedding_rms"] == pytest.approx((2 / (5 * 32)) ** 0.5, rel=0.05)  # LitGPT's √(2/(5d)), d = 32
 
+
+def test_decision_diagnostic_is_logged_at_each_evaluation(dp2):
+    rows = [json.loads(line) for line in (dp2 / "metrics.jsonl").read_text().splitlines()]
+    profiles = {r["step"]: r["decision"] for r in rows if "decision" in r}
+    assert sorted(profiles) == [4, 8]
+    profile = profiles[8]
+    assert len(profile["gamma"]) == 17 and profile["gamma"][0] == -10.0 and profile["gamma"][-1] == 6.0
+    assert all(0.0 <= a <= 1.0 for a in profile["accuracy"]) and all(c > 0.0 for c in profile["ce"])
+    windows = {r["step"]: r for r in rows if "decision_mid" in r}
+    if profile["window"] is not None:
+        assert windows[8]["decision_mid"] == profile["window"]["mid"] and "decision_misplaced" in windows[8]
 
 def test_data_parallel_ranks_read_disjoint_samples(dp2):
     r0, r1 = samples(dp2, 0), samples(dp2, 1)
