@@ -3,7 +3,8 @@
     python ops/gpu_check.py [--steps 30]
 
 1. flash-attn varlen vs torch SDPA in bf16 on packed documents (our CoreAttention through both backends);
-2. `mlfm train` on the tiny preset with NCCL, bf16 and flash attention for a few steps, then resume;
+2. `mlfm train` on the tiny preset with NCCL, bf16 and flash attention for a few steps, then resume (the decision
+   diagnostic of a bf16 network fed float32 z is reported);
 3. `mlfm export` of that run, the inference model in bf16 on the GPU against fp32 on the CPU (logits), and
    `mlfm sample` on the GPU;
 prints one JSON line per check and exits non-zero on the first failure.
@@ -54,8 +55,11 @@ def check_train(steps: int, tmp: str) -> dict:
     rows = [json.loads(line) for line in Path(tmp, "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0], losses
+    profile = [r["decision"] for r in rows if "decision" in r][-1]  # bf16 network, float32 z
+    assert all(0.0 <= a <= 1.0 for a in profile["accuracy"]), profile
     return {"check": "train_bf16_flash_nccl", "first_loss": losses[0], "last_loss": losses[-1],
-            "tokens_per_s": [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-1]}
+            "tokens_per_s": [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][-1],
+            "decision_accuracy": profile["accuracy"], "decision_window": profile["window"]}
 
 
 def check_export_and_sample(tmp: str) -> dict:

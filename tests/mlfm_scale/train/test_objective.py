@@ -80,7 +80,7 @@ def test_active_curve_learns_from_diagnostics_and_round_trips():
     gamma = torch.linspace(-10, 6, 512)
     ce = 4.0 * torch.sigmoid((gamma + 2.0) / 1.5)
     for _ in range(30):
-        obj.observe(gamma, ce)
+        obj.observe(gamma, ce, torch.ones_like(gamma))
     before = obj.schedule.icdf(torch.tensor([0.5]))
     assert obj.update_curve()
     assert not torch.equal(obj.schedule.icdf(torch.tensor([0.5])), before)
@@ -90,11 +90,12 @@ def test_active_curve_learns_from_diagnostics_and_round_trips():
     torch.testing.assert_close(restored.schedule.icdf(grid), obj.schedule.icdf(grid))
 
 
-@pytest.mark.parametrize("kind, steps, factor", [("mlfm", 100, 0.5), ("mdm", 100, 0.85)])
+@pytest.mark.parametrize("kind, steps, factor", [("mlfm", 100, 0.7), ("mdm", 100, 0.85)])
 def test_tiny_model_overfits_a_fixed_batch(process_group, kind, steps, factor):
     """Four packed blocks of the synthetic corpus, the default objective, AdamW: the MLFM loss (mean of the
-    last 10 steps vs the first 10) halves within 100 CPU steps (measured: 4.95 → 1.25); the MDM baseline, which has no
-    low-noise samples to learn from first, falls more slowly (4.73 → 3.24)."""
+    last 10 steps vs the first 10) falls by 40 % within 100 CPU steps (measured: 4.90 → 2.95; with the LitGPT-scale
+    table the γ law sits on the decision window, so few rows are trivially readable — with a N(0, 1) table it was
+    4.95 → 1.25); the MDM baseline, which has no low-noise samples at all, falls more slowly (4.73 → 3.24)."""
     from data_prep.packing import pack_documents
     from data_prep.synth import synth_documents
     from data_prep.tokenizer import ensure_special_tokens, train_bpe
