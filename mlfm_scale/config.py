@@ -265,9 +265,10 @@ class SampleSection(Section):
     confidence: Literal["prob", "max_prob", "margin", "neg_entropy"] = Field(
         "prob", description="confidence score of a sampled token (neg_entropy is ≤ 0: use a threshold ≤ 0)")
     confidence_temperature: Literal["tempered", "untempered"] = Field(
-        "tempered", description="distribution the confidence is computed under: tempered, the one the token was "
-        "drawn from (softmax(logits / temperature) without banned ids, within top_p); untempered, the model's own "
-        "softmax(logits) without banned ids (no temperature, no nucleus)")
+        "untempered", description="distribution the confidence is computed under: untempered, the model's own "
+        "softmax(logits) without banned ids (no temperature, no nucleus); tempered, the one the token was drawn "
+        "from (softmax(logits / temperature) without banned ids, within top_p: the reference's rule, which at "
+        "temperature 0.1 scores nearly every favourite above the threshold and promotes almost all at once)")
     confidence_source: Literal["final", "quantile"] = Field(
         "final", description="final: tokens and confidence from one draw from the trajectory's final logits; "
         "quantile: tokens from the final logits, confidence from a draw at SDE step "

@@ -43,6 +43,7 @@ def _mlfm(*args: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from data_prep.shards import prepare_shards
     from data_prep.synth import write_synth_jsonl
+    from mlfm_scale.sample.validation import score_sample, validation_prompts
 
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
@@ -76,13 +77,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"validation loss did not fall ({val[0][1]:.3f} → {val[-1][1]:.3f})")
     out = Path(cfg.out_dir)
     export_dir, samples = out / "export", out / "demo_samples.jsonl"
-    print(f"[demo] phase 3: export the EMA weights of {ckpt_dir / 'latest'} → {export_dir}; sample 4 blocks")
+    print(f"[demo] phase 3: export the EMA weights of {ckpt_dir / 'latest'} → {export_dir}; sample 2 blocks "
+          "unconditionally and 2 after a prompt (2 SDE steps per promotion round; trajectories end in the model's "
+          "decision window)")
     _mlfm("export", str(ckpt_dir), str(export_dir), "--overwrite")
-    _mlfm("sample", "--model", str(export_dir), "--unconditional", "4", "--steps", "32", "--length", "48",
-          "--out", str(samples))
+    prompts = [arg for prompt in ["", "", *validation_prompts(2)] for arg in ("--prompt", prompt)]
+    _mlfm("sample", "--model", str(export_dir), *prompts, "--steps", "2", "--length", "48", "--out", str(samples))
     for line in samples.read_text().splitlines():
         row = json.loads(line)
-        print(f"         [{row['nfe']} NFE] {row['text']!r}")
+        _, sentences = score_sample(row["prompt"], row["prompt"] + row["text"])
+        print(f"         [{row['nfe']} NFE, {row['rounds']} rounds, {sentences:.0%} of its sentences valid] "
+              f"{row['prompt'] + row['text']!r}")
     print(f"[demo] done in {time.perf_counter() - started:.0f} s. Written under {out}/: corpus/, {cfg.data.root}/ "
           f"(shards, tokenizer, manifest), {cfg.checkpoint.dir}/ (sharded checkpoints, latest), metrics.jsonl, "
           "loss.png, gamma.png, export/ (safetensors, config, tokenizer), demo_samples.jsonl")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +48,34 @@ def decision_profile(denoiser, ids: Tensor, valid: Tensor, gammas: Tensor, gener
 
 def validation_blocks(data_dir: Path, count: int) -> tuple[Tensor, Tensor]:
     """The first ``count`` blocks of ``data_dir``'s validation split (train when there is none): ids Long[b, s]
-    and their real lengths Long[b]."""
+    and their real lengths Long[b]. Compressed shards are read through a temporary decompressed copy of the ones
+    needed, so the prepared directory is never written to."""
     from streaming import LocalDataset
+    from streaming.base.compression import decompress
 
     split = next((data_dir / s for s in ("val", "train") if (data_dir / s / "index.json").is_file()), None)
     if split is None:
         raise UserError(f"{data_dir} holds no prepared shards (no val/index.json or train/index.json): "
                         "point --data at a directory written by `mlfm prep corpus`")
-    dataset = LocalDataset(local=str(split))
-    samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    index = json.loads((split / "index.json").read_text())
+    shards, total = [], 0
+    for shard in index["shards"]:  # only as many shards as the blocks asked for
+        shards.append(shard)
+        total += shard["samples"]
+        if total >= count:
+            break
+    with tempfile.TemporaryDirectory() as tmp:
+        for shard in shards:
+            raw, target = split / shard["raw_data"]["basename"], Path(tmp) / shard["raw_data"]["basename"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if raw.is_file():
+                shutil.copyfile(raw, target)
+            else:
+                packed = (split / shard["zip_data"]["basename"]).read_bytes()
+                target.write_bytes(decompress(shard["compression"], packed))
+        (Path(tmp) / "index.json").write_text(json.dumps(dict(index, shards=shards)))
+        dataset = LocalDataset(local=tmp)
+        samples = [dataset[i] for i in range(min(count, len(dataset)))]
     ids = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
     return ids, torch.tensor([int(s["length"]) for s in samples], dtype=torch.long)
 
