@@ -66,12 +66,17 @@ def fit_generalised_logistic(x: Tensor, y: Tensor, iterations: int = 200, weight
     sse, damping = float(residual.square().sum()), 1e-3
     for _ in range(iterations):
         jtj, jtr = jac.T @ jac, jac.T @ residual
-        step = torch.linalg.solve(jtj + damping * torch.diag(jtj.diagonal().clamp_min(1e-12)), jtr)
+        try:
+            step = torch.linalg.solve(jtj + damping * torch.diag(jtj.diagonal().clamp_min(1e-12)), jtr)
+        except torch.linalg.LinAlgError:  # saturated columns (all points on a flat tail): damp harder
+            damping *= 3
+            continue
         candidate = torch.minimum(torch.maximum(theta + step, lower), upper)
         cand_residual, cand_jac = residual_and_jacobian(candidate)
         cand_sse = float(cand_residual.square().sum())
-        if cand_sse < sse:
-            theta, residual, jac, sse, damping = candidate, cand_residual, cand_jac, cand_sse, damping / 3
+        if cand_sse < sse:  # the damping's floor keeps the system solvable after many good steps
+            theta, residual, jac, sse = candidate, cand_residual, cand_jac, cand_sse
+            damping = max(damping / 3, 1e-9)
         else:
             damping *= 3
         if damping > 1e12:
