@@ -4,8 +4,8 @@
 stores train/universal.py's per-parameter full tensors next to the checkpoint's files::
 
     TAG/universal/{param,exp_avg,exp_avg_sq,ema}.safetensors   canonical name → full float32 tensor
-    TAG/universal/state.pt      client state (config, loader position, γ curve, counters, RNG), AdamW's step,
-                                the LR schedule and DeepSpeed's step counters
+    TAG/universal/state.pt      client state (config, loader position, γ curve, decision profile, counters, RNG),
+                                AdamW's step, the LR schedule and DeepSpeed's step counters
     TAG/universal/checkpoint.json   sizes and sha256 of the above (verified before use)
 
 ``load_resharded(engine, tag_dir)`` (collective) splits each parameter for this rank of the current layout and
@@ -52,6 +52,7 @@ def write_universal(tag_dir: Path, out: Path | None = None) -> Path:
         save_file({n: t.contiguous() for n, t in reader.read([kind])[kind].items()}, out / f"{kind}.safetensors")
     states = reader.client_state()
     client = {k: states[k] for k in ("state", "loader", "objective", "rng", "manifest_sha256", "config")}
+    client["decision"] = states.get("decision")  # the latest decision profile (absent before it was recorded)
     torch.save({"client": client, "optimizer_step": reader.optimizer_step(), "lr_scheduler": states["lr_scheduler"],
                 "engine": {k: states[k] for k in ("global_steps", "global_samples", "skipped_steps")},
                 "source": {k: reader.info[k] for k in ("world_size", "tp", "pp", "dp", "zero_stage")}}, out / STATE)

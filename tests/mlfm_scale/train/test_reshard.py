@@ -92,7 +92,8 @@ def test_resume_pipeline_on_one_stage(pp2_run, shards, tmp_path):
 
 def test_layout_free_form_carries_the_state_exactly(tp2_run, shards, tmp_path, capsys):
     """TP=2 × DP=1 ZeRO-3 → TP=1 × DP=2 ZeRO-1 (TP, DP and ZeRO stage all change), saved again: every parameter's
-    weights, AdamW moments and EMA, the AdamW step, the LR schedule, loader position and γ curve are unchanged."""
+    weights, AdamW moments and EMA, the AdamW step, the LR schedule, loader position, γ curve and decision profile
+    are unchanged."""
     source = tmp_path / "step00000004"
     shutil.copytree(tp2_run / "checkpoints" / "step00000004", source)
     assert main(["reshard", str(source)]) == 0 and "universal" in capsys.readouterr().out
@@ -110,4 +111,5 @@ def test_layout_free_form_carries_the_state_exactly(tp2_run, shards, tmp_path, c
     a, b = before.client_state(), after.client_state()
     assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 4
     assert a["loader"] == b["loader"] and a["state"] == b["state"] and b["global_steps"] == 4
+    assert a["decision"] is not None and a["decision"] == b["decision"]  # the latest decision profile
     assert torch.equal(a["objective"]["curve"]["knots"], b["objective"]["curve"]["knots"])
