@@ -179,7 +179,7 @@ def plot_windows(exports: dict[str, Path], path: Path) -> None:
     ax.set_xlabel("γ (log noise-to-signal)")
     ax.set_ylabel("token accuracy, every position corrupted")
     density_ax.set_ylabel("learned training γ density")
-    fig.legend(loc="upper right", fontsize=7)
+    fig.legend(loc="lower left", fontsize=7, bbox_to_anchor=(0.08, 0.14))
     ax.set_title("where the networks decide (shaded: decision window) and where training samples γ", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
