@@ -158,7 +158,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
         sampler = TrainingSamples(cfg, model, objective, manifest, rank)
 
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped": 0}
-    last_checkpoint, decision, warned = None, None, False
+    last_checkpoint, decision, misplaced, warned = None, None, False, False
     decision_gammas = None  # the decision diagnostic's γ grid (MDM training has no γ to probe)
     if cfg.train.decision_points and cfg.objective.kind == "mlfm":
         decision_gammas = torch.linspace(cfg.objective.gamma_min, cfg.objective.gamma_max, cfg.train.decision_points,
@@ -240,9 +240,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
                 values.update({f"decision_{k}": v for k, v in window.to_dict().items()})
                 message = misplacement_warning(window, objective.schedule)
                 values["decision_misplaced"] = float(message is not None)
-                if message is not None and not warned and rank == 0:
+                # warn once, when it persists over two evaluations: early on a model reads tokens only at low noise
+                if message is not None and misplaced and not warned and rank == 0:
                     print(f"WARNING (step {state['step']}): {message}", file=sys.stderr, flush=True)
                     warned = True
+                misplaced = message is not None
             logger.log(state["step"], values)
             if decision_gammas is not None:
                 logger.log_profile(state["step"], "decision", decision)

@@ -46,7 +46,9 @@ def test_exported_model_gives_the_training_engines_logits(tp2_run, shards, tmp_p
     out = tmp_path / "ema"
     config = json.loads((out / "config.json").read_text())
     assert config["weights"] == "ema" and config["source_checkpoint"] == str(tag) and config["vocab_size"] == 300
-    assert config["gamma_curve"]["knots"]["dtype"] == "float64" and config["mask_id"] == 2
+    assert config["gamma_curve"]["counts"]["dtype"] == "float64" and config["mask_id"] == 2
+    assert config["gamma_curve"]["knots"] is None  # 8 steps are too little evidence for a first fit
+    assert config["decision"]["gamma"][0] == -10.0 and config["embedding_rms"] > 0
     assert json.loads((out / "generation_config.json").read_text())["steps"] == 256
     assert MLFMForInference.from_pretrained(out).tokenizer().get_vocab_size() == 300
 
