@@ -84,6 +84,7 @@ def diagnose_export(export_dir: Path, data_dir: Path, blocks: int = 16, points: 
     """Measure an export's decision profile on ``blocks`` prepared blocks at ``points`` γ values spanning the
     training range, record it in its config.json and plot decision.png; returns the record."""
     from mlfm_scale.config import SampleSection
+    from mlfm_scale.data.loader import segment_ids
     from mlfm_scale.inference import MLFMForInference
     from mlfm_scale.sample.grid import gamma_grid, sampling_range
     from mlfm_scale.train.metrics import plot_gamma
@@ -97,7 +98,8 @@ def diagnose_export(export_dir: Path, data_dir: Path, blocks: int = 16, points: 
     objective = model.objective_cfg
     gammas = torch.linspace(objective.gamma_min, objective.gamma_max, points, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    accuracy, ce = decision_profile(model, ids, valid, gammas, generator)
+    padding = segment_ids(ids, lengths, None)  # a block's padded tail is its own segment, as in training
+    accuracy, ce = decision_profile(model, ids, valid, gammas, generator, padding)
     record = decision_record(gammas, accuracy, ce)
     config_path = export_dir / "config.json"
     config = json.loads(config_path.read_text())
