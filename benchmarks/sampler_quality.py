@@ -38,7 +38,11 @@ MODELS = {  # name → (training steps, overrides of the training run over SHAPE
     # the "before": where a N(0, 1) table decides (its window settles within a few hundred steps; a fifth of the
     # budget, on 2 cores)
     "mlfm-unit-table": (600, ["model.embedding_std=1.0"]),
+    # retraining levers (trained only when asked for: --networks or --samplers naming them)
+    "mlfm-6000": (2 * TRAIN_STEPS, []),
+    "mlfm-sigma0.5": (TRAIN_STEPS, ["objective.sigma=0.5"]),
 }
+LEVERS = ("mlfm-6000", "mlfm-sigma0.5")
 # name → (label, network, sampler settings over the export's generation defaults)
 SAMPLERS = {
     "mlfm": ("MLFM sampler (defaults)", "mlfm", {}),
@@ -47,7 +51,11 @@ SAMPLERS = {
     "mdm-of-mlfm": ("MDM decoding of the MLFM network", "mlfm", {"method": "mdm"}),
     "mdm": ("MDM ancestral (MDM network)", "mdm", {"method": "mdm"}),
     "mlfm-unit-table": ("MLFM sampler, N(0,1) table (before; 600 steps)", "mlfm-unit-table", {}),
+    "mlfm-6000": ("MLFM defaults, 6000 training steps (lever)", "mlfm-6000", {}),
+    "mdm-of-mlfm-6000": ("MDM decoding, 6000-step MLFM network (lever)", "mlfm-6000", {"method": "mdm"}),
+    "mlfm-sigma0.5": ("MLFM defaults, σ = 0.5 (lever)", "mlfm-sigma0.5", {}),
 }
+DEFAULT_SAMPLERS = [s for s in SAMPLERS if SAMPLERS[s][1] not in LEVERS]
 sys.path.insert(0, str(REPO))
 
 
@@ -191,8 +199,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="unconditional samples, and as many prompted")
     parser.add_argument("--length", type=int, default=48, help="tokens generated per sample")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 256])
-    parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
-    parser.add_argument("--train-only", action="store_true", help="train, export and diagnose; sample nothing")
+    parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=DEFAULT_SAMPLERS)
+    parser.add_argument("--train-only", nargs="*", choices=list(MODELS), metavar="NETWORK",
+                        help="train, export and diagnose these networks (default: all but the levers); sample "
+                             "nothing")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampler_quality.json"))
     parser.add_argument("--figures", default=str(REPO / "benchmarks" / "figures"))
     args = parser.parse_args()
@@ -201,7 +211,9 @@ def main() -> None:
 
     from mlfm_scale.inference import MLFMForInference
 
-    needed = MODELS if args.train_only else {SAMPLERS[s][1] for s in args.samplers}
+    training_only = args.train_only is not None
+    needed = (args.train_only or [m for m in MODELS if m not in LEVERS]) if training_only \
+        else {SAMPLERS[s][1] for s in args.samplers}
     exports = {name: exported_model(name) for name in MODELS if name in needed}
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
@@ -210,7 +222,7 @@ def main() -> None:
     for name in exports:
         w = json.loads((exports[name] / "config.json").read_text()).get("decision")
         print(f"{name}: decision window {None if w is None else w['window']}")
-    if args.train_only:
+    if training_only:
         return
     torch.set_num_threads(1)  # the small model gains nothing from a second thread on this shared machine
     models = {name: MLFMForInference.from_pretrained(export) for name, export in exports.items()}
