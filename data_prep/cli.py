@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per packed block (default: %(default)s)")
     corpus.add_argument("--train-tokenizer", type=int, metavar="VOCAB", dest="train_vocab",
                         help="train a byte-level BPE of VOCAB ids on the corpus (the default, at --vocab-size)")
-    corpus.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    corpus.add_argument("--overwrite", action="store_true",
+                        help="replace a previous prep in OUT: only the files its manifest.json lists are removed, "
+                        "once the new output is complete")
     corpus.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_flags(corpus, PrepSection)
 

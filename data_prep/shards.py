@@ -5,7 +5,12 @@ unparsed). Each chunk is parsed, tokenised (pieces cached, see ``PieceCachedEnco
 hash of each document, packed, and written by one worker to
 ``OUT/{split}/cNNNNNN/``. Chunks depend only on the input, so the shards are identical for any worker
 count. When every chunk is written the per-split indexes are merged in chunk order and ``manifest.json``
-is written last: an interrupted run leaves no index that claims missing shards, and no manifest.
+is written last, listing every file the prep wrote.
+
+The prep writes into a hidden sibling ``.OUT.tmp-PID-*`` and moves its files into ``OUT`` only when it is
+complete: a prep that fails leaves ``OUT`` as it was (a killed one leaves that sibling behind). Replacing a
+previous prep (``--overwrite``) removes only the files its manifest lists; inputs and a tokenizer inside
+``OUT`` are refused.
 
     OUT/manifest.json  OUT/tokenizer/tokenizer.json  OUT/train/index.json  OUT/val/index.json  …
 """
@@ -16,10 +21,11 @@ import logging
 import multiprocessing
 import os
 import shutil
+import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -35,7 +41,7 @@ from data_prep.tokenizer import (
 )
 from mlfm_scale import __version__
 from mlfm_scale.config import PrepSection
-from mlfm_scale.data.manifest import FORMAT, VERSION, write_manifest
+from mlfm_scale.data.manifest import FORMAT, MANIFEST_FILE, VERSION, ManifestError, read_manifest, write_manifest
 from mlfm_scale.errors import UserError
 
 SPLITS = ("train", "val")
@@ -142,15 +148,71 @@ def _process_chunk(chunk_id: int, units: list[Unit]) -> dict:
     return stats
 
 
-# ---------------------------------------------------------------------------------------- the driver
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise PrepError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+# ------------------------------------------------------------------------------- the output directory
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it, symlinks and relative parts resolved."""
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def _check_sources_outside(out: Path, files: list[Path], tokenizer: str | None) -> None:
+    for f in files:
+        if _inside(f, out):
+            raise PrepError(f"input {f} lies inside the output directory {out}, which the prep replaces: move "
+                            "the input out of it or choose another --out")
+    if tokenizer and _inside(Path(tokenizer), out):
+        raise PrepError(f"--tokenizer {tokenizer} lies inside the output directory {out}, which the prep "
+                        "replaces: copy the tokenizer out of it or choose another --out")
+
+
+def _previous_files(out: Path, overwrite: bool) -> list[str]:
+    """The files (relative paths, manifest first) of the previous prep that ``out`` holds, which this prep
+    replaces; [] when ``out`` is absent or empty."""
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"--out {out} is a file, not a directory: choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return []
+    try:
+        listed = read_manifest(out)["files"]
+    except (ManifestError, KeyError):  # not a prep's output, or one from before manifests listed their files
+        raise PrepError(f"output directory {out} is not empty and has no {MANIFEST_FILE} listing a previous "
+                        "prep's files, so nothing in it is known to be safe to replace: choose another --out, "
+                        "or empty the directory yourself") from None
+    if not overwrite:
+        raise PrepError(f"output directory {out} holds a previous prep; pass --overwrite to replace it (only "
+                        f"the {len(listed)} files its {MANIFEST_FILE} lists are removed) or choose another --out")
+    for rel in listed:
+        if not isinstance(rel, str) or PurePosixPath(rel).is_absolute() or not _inside(out / rel, out):
+            raise PrepError(f"{out / MANIFEST_FILE} lists {rel!r}, which is not a file inside {out}: the "
+                            "manifest is damaged; empty the directory yourself or choose another --out")
+    return [MANIFEST_FILE, *listed]
+
+
+def _swap_in(tmp: Path, out: Path, previous: list[str]) -> None:
+    """Replace the ``previous`` files in ``out`` by the complete output in ``tmp``. The old manifest goes
+    first and the new one last, so ``out`` never holds a manifest that claims files it lacks."""
+    new = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    new.remove(MANIFEST_FILE)
+    replaced = set(previous)
+    for rel in new:
+        if (out / rel).exists() and rel not in replaced:
+            raise PrepError(f"{out / rel} was not written by a previous prep and would be overwritten: move it "
+                            "away or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    for rel in previous:
+        (out / rel).unlink(missing_ok=True)
+    for rel in new:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, out / rel)
+    os.replace(tmp / MANIFEST_FILE, out / MANIFEST_FILE)
+    # the previous prep's directories that no new file reuses (chunks it had beyond this prep's)
+    dirs = {out / d for rel in previous for d in PurePosixPath(rel).parents if d != PurePosixPath(".")}
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
+# ---------------------------------------------------------------------------------------- the driver
 def _texts(records: Iterable[Record]) -> Iterator[str]:
     for r in records:
         yield from ((r,) if isinstance(r, str) else r)
@@ -169,14 +231,28 @@ def _merge_split(out: Path, split: str, chunk_ids: list[int]) -> None:
 
 def prepare_shards(inputs: list[str | Path], out: str | Path, opts: PrepSection, seq_len: int,
                    overwrite: bool = False, progress: bool = True) -> dict:
-    """Run the whole prep; returns the manifest (also written to ``out/manifest.json``)."""
+    """Run the whole prep; returns the manifest (also written to ``out/manifest.json``). ``overwrite``
+    replaces a previous prep's files in ``out``; ``out`` is otherwise left as it was when the prep fails."""
+    out = Path(out).resolve()  # the temporary sibling then shares out's filesystem, so moving is renaming
+    files = list_inputs(inputs)
+    _check_sources_outside(out, files, opts.tokenizer)
+    previous = _previous_files(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # hidden, so a killed prep's leftovers are skipped when out's parent is itself given as an input
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        manifest = _write_shards(files, tmp, opts, seq_len, progress)
+        _swap_in(tmp, out, previous)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write_shards(files: list[Path], out: Path, opts: PrepSection, seq_len: int, progress: bool) -> dict:
+    """Tokenise, pack and write ``files`` into the empty directory ``out``; returns the manifest."""
     from tqdm import tqdm
 
-    out = Path(out)
-    files = list_inputs(inputs)
     kind = "sft" if opts.format == "sft" else "pretrain"
-    _prepare_output(out, overwrite)
-
     if opts.tokenizer:
         tok = load_tokenizer(opts.tokenizer)
     else:
@@ -250,6 +326,7 @@ def prepare_shards(inputs: list[str | Path], out: str | Path, opts: PrepSection,
         "sources": stats.sources,
         "prep": opts.model_dump(mode="json"),
         "mlfm_scale_version": __version__,
+        "files": sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()),
     }
     write_manifest(out, manifest)
     return manifest

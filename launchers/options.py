@@ -3,6 +3,7 @@ are set ← command-line flags, validated as one :class:`LaunchSection`, then tu
 parameters. One task per GPU on GPU nodes."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -62,8 +63,9 @@ def resolve_launch(section: LaunchSection, flags: dict) -> LaunchSection:
 
 def job_setup(launch: LaunchSection) -> list[str]:
     """Shell lines before the tasks start: this checkout's code first on the path, one intra-op thread per
-    allotted core, then the profile's own lines (module loads, NCCL settings, ...)."""
-    return [f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}",
+    allotted core, then the profile's own lines (module loads, NCCL settings, ...). The checkout's path is
+    quoted: it may hold spaces or shell characters."""
+    return [f'export PYTHONPATH={shlex.quote(str(REPO))}"${{PYTHONPATH:+:$PYTHONPATH}}"',
             "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", *launch.setup]
 
 

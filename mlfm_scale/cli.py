@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from mlfm_scale.config import ConfigError, explain
-from mlfm_scale.errors import UserError
+from mlfm_scale.errors import UserError, record_error
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "corpus → tokenised, packed streaming shards; the synthetic demo corpus"),
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return module.run(args) or 0
     except UserError as e:
         print(f"mlfm {ns.command}: error: {e}", file=sys.stderr)
+        record_error(str(e))
         return 1
 
 

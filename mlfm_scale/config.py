@@ -207,8 +207,14 @@ class TrainSection(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     dtype: Literal["fp32", "bf16"] = "fp32"
     trainable: list[str] = []  # regexes of trainable parameter names (frozen base + adapters); empty → all
-    resume: str | None = None  # None, "auto" (latest in out_dir), or a checkpoint directory or tag path
-    max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite loss/gradient steps before stopping
+    # None: a new run (refused over existing checkpoints); "auto": latest in out_dir (or, if it is damaged, the
+    # newest checkpoint that verifies); "restart": a new run over existing checkpoints; or a checkpoint dir / tag
+    resume: str | None = None
+    # the LR schedule's horizon (default: train.steps); a resumed run keeps its checkpoint's unless this is set
+    schedule_steps: int | None = Field(None, ge=1)
+    max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite loss/gradient steps before a rollback
+    max_rollbacks: int = Field(2, ge=0)  # rollbacks to the last good checkpoint before the run stops
+    inject_nonfinite: list[int] = []  # test-only fault: these steps' loss is NaN (each once, so a rollback passes)
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(4, ge=1)
     # at each evaluation: accuracy and CE against this many γ over the training range, every position corrupted
@@ -345,6 +351,26 @@ class LaunchSection(Section):
     @classmethod
     def _slurm_time(cls, value: str) -> str:
         slurm_minutes(value)
+        return value
+
+    @field_validator("partition", "account", "qos", "constraint", "mem", "time")
+    @classmethod
+    def _sbatch_syntax(cls, value: str | None, info) -> str | None:
+        """These go into ``#SBATCH`` lines, where a space, quote, newline or shell character would end the line
+        and run the rest as shell: only SLURM's own syntax passes."""
+        name = r"[A-Za-z0-9_.-]+"
+        allowed = {
+            "partition": (rf"{name}(,{name})*", "letters, digits, _ . - (and , between partitions)"),
+            "account": (name, "letters, digits, _ . -"),
+            "qos": (name, "letters, digits, _ . -"),
+            "constraint": (r"[A-Za-z0-9_.\-&|,\[\]*():]+", "letters, digits and _ . - & | , [ ] * ( ) :"),
+            "mem": (r"\d+[KMGTkmgt]?", "digits with an optional K, M, G or T suffix (64G, 500M; 0 = all)"),
+            "time": (r"[\d:-]+", "digits, : and - (MM, HH:MM:SS or D-HH:MM:SS)"),
+        }
+        pattern, what = allowed[info.field_name]
+        if value is not None and not re.fullmatch(pattern, value):
+            raise ValueError(f"launch.{info.field_name} may contain only {what}: it is written into an #SBATCH "
+                             "line, which a space, quote, newline or shell character would break")
         return value
 
 

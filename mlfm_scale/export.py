@@ -9,14 +9,18 @@ removes the vocabulary padding and writes Hugging Face-style files that ``mlfm_s
     tokenizer.json                   copied from the data manifest's tokenizer
 
 Every checkpoint file is verified against ``checkpoint.json`` first, so a truncated or modified shard is refused.
+The export is written to ``OUT_DIR.tmp``, fsynced and then swapped into place (durable.py): a crash or a kill at
+any point leaves the previous export or the new one complete, and the next export cleans up after it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import torch
 from pydantic import ValidationError
 
 from mlfm_scale.config import Config, ConfigError, explain
+from mlfm_scale.durable import publish_dir, recover_dir, staging
 from mlfm_scale.errors import UserError
 from mlfm_scale.inference.model import (
     CONFIG,
@@ -35,6 +40,7 @@ from mlfm_scale.inference.model import (
     curve_to_json,
 )
 
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 VOCAB_ROWS = ("embedding.weight", "output_layer.weight")  # [V_pad, d] in training, [V, d] exported
 
 
@@ -47,11 +53,14 @@ def export_config(cfg: Config, tokenizer: dict, client: dict, table: torch.Tenso
                   dtype: str) -> dict:
     """config.json: what ``MLFMForInference`` and the sampler need (the shared inference interface), with the
     input table's per-dimension RMS (what σ and γ are measured against) and the run's last decision profile."""
-    curve = client["objective"]["curve"]
+    from mlfm_scale.train.manager import components
+
+    state = components(client)
+    curve = state["objective"]["curve"]
     return {"architecture": "MLFM", "model": cfg.model.model_dump(mode="json"),
             "objective": cfg.objective.model_dump(mode="json"),
             "gamma_curve": None if curve is None else curve_to_json(curve),
-            "embedding_rms": float(table.double().square().mean().sqrt()), "decision": client.get("decision"),
+            "embedding_rms": float(table.double().square().mean().sqrt()), "decision": state.get("decision"),
             "vocab_size": cfg.model.vocab_size or tokenizer["vocab_size"], "mask_id": tokenizer["mask_id"],
             "eos_id": tokenizer["eos_id"], "pad_id": tokenizer["pad_id"], "seq_len": cfg.data.seq_len,
             "sigma": cfg.objective.sigma, "source_checkpoint": str(source), "weights": weights, "dtype": dtype}
@@ -95,14 +104,25 @@ def tokenizer_of(cfg: Config, manifest_hash: str) -> tuple[dict, Path]:
     return manifest["tokenizer"], root / manifest["tokenizer"]["file"]
 
 
+def _written_by_export(name: str) -> bool:
+    return name in (WEIGHTS, WEIGHTS_INDEX, CONFIG, GENERATION_CONFIG, TOKENIZER) or bool(SHARD.fullmatch(name))
+
+
 def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: str = "fp32",
            max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> dict:
     """Consolidate ``checkpoint`` (a tag directory) into ``out_dir``; returns a summary with the peak RSS."""
     from mlfm_scale.train.universal import CheckpointReader
 
     started = time.perf_counter()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir} is not empty: choose another OUT_DIR or pass --overwrite")
+    out_dir = out_dir.absolute()  # its staging sibling needs a name (OUT_DIR may be ".")
+    for line in recover_dir(out_dir):
+        print(f"WARNING: {line}", file=sys.stderr, flush=True)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out_dir} is not empty: choose another OUT_DIR or pass --overwrite")
+        if foreign := sorted(p.name for p in out_dir.iterdir() if not _written_by_export(p.name)):
+            raise UserError(f"{out_dir} holds files an export does not write ({', '.join(foreign[:5])}), and "
+                            "--overwrite replaces the whole directory: move them, or choose another OUT_DIR")
     reader = CheckpointReader(checkpoint)
     client = reader.client_state()
     try:
@@ -120,13 +140,17 @@ def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: s
     tensors = export_tensors(full, vocab_size)
     config = export_config(cfg, tokenizer, client, tensors["embedding.weight"], checkpoint, weights, dtype)
     del full
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [out_dir / WEIGHTS, out_dir / WEIGHTS_INDEX, *out_dir.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)  # an earlier export's weights must not outlive --overwrite
-    files = write_safetensors(tensors, out_dir, DTYPES[dtype], max_shard_bytes)
-    (out_dir / CONFIG).write_text(json.dumps(config, indent=1))
-    (out_dir / GENERATION_CONFIG).write_text(json.dumps(cfg.sample.model_dump(mode="json"), indent=1))
-    shutil.copyfile(tokenizer_file, out_dir / TOKENIZER)
+    staged = staging(out_dir)
+    staged.mkdir(parents=True)
+    try:
+        files = write_safetensors(tensors, staged, DTYPES[dtype], max_shard_bytes)
+        (staged / CONFIG).write_text(json.dumps(config, indent=1))
+        (staged / GENERATION_CONFIG).write_text(json.dumps(cfg.sample.model_dump(mode="json"), indent=1))
+        shutil.copyfile(tokenizer_file, staged / TOKENIZER)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    publish_dir(out_dir)
     return {"files": files, "parameters": sum(t.numel() for t in tensors.values()),
             "model_bytes": sum(t.numel() * DTYPES[dtype].itemsize for t in tensors.values()),
             "fp32_model_bytes": sum(t.numel() * 4 for t in tensors.values()),

@@ -2,8 +2,8 @@
 
 A value is secret when its key (a mapping key, or the NAME of a ``NAME=VALUE`` / ``export NAME=VALUE`` string such
 as a ``launch.setup`` line) contains ``key``, ``token``, ``secret`` or ``password`` (any case), unless the key is
-one of the config's own non-secret names (``eos_token``: a vocabulary entry). Credentials belong in the
-environment (``WANDB_API_KEY``), where nothing here records them.
+one of the config's own non-secret names (``eos_token``: a vocabulary entry; ``tokenizer``: a directory).
+Credentials belong in the environment (``WANDB_API_KEY``), where nothing here records them.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import re
 
 REDACTED = "<redacted>"
 SECRET = re.compile(r"key|token|secret|password|passwd", re.IGNORECASE)
-NOT_SECRET = frozenset({"eos_token"})  # config keys that match SECRET but name no credential
+NOT_SECRET = frozenset({"eos_token", "tokenizer"})  # config keys that match SECRET but name no credential
 ASSIGNMENT = re.compile(r"(?P<head>(?:\bexport\s+)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)=)(?P<value>'[^']*'|\"[^\"]*\"|\S+)")
 
 

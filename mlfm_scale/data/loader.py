@@ -6,12 +6,17 @@ the same samples through ``replication = tp``. Under a pipeline only the first s
 shown that stage's ranks as the whole world (:class:`ReaderWorld`). The shuffle is seeded by the run seed.
 The loader's state (epoch, samples consumed) is saved in checkpoints so a resumed run continues mid-epoch with
 no sample repeated or skipped.
+
+Several runs may start on one node at the same moment: each has its own shard cache (:func:`cache_dir`) and
+registers its datasets' shared memory race-free (:func:`register_shm_prefix`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+import random
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,9 +59,100 @@ def data_fingerprint(cfg: Config) -> str:
 def cache_dir(cfg: Config, source: Path) -> Path:
     """Where streaming keeps its local copy of ``source``: ``data.cache`` (default: node-local under the system
     temporary directory, never a shared filesystem that nodes would write concurrently), keyed by the source's
-    manifest hash so re-prepared or same-named sources never reuse stale shards."""
+    manifest hash so re-prepared or same-named sources never reuse stale shards, and by the run (its out_dir):
+    streaming refuses two live datasets on one cache directory, so two runs on one node reading the same data
+    each keep their own copy (a resumed run finds its own again)."""
     root = Path(cfg.data.cache) if cfg.data.cache else Path(tempfile.gettempdir()) / "mlfm-data-cache"
-    return root / manifest_sha256(source)[:20]
+    run = hashlib.sha256(os.path.abspath(cfg.out_dir).encode()).hexdigest()[:8]
+    return root / f"{manifest_sha256(source)[:20]}-{run}"
+
+
+# Streaming names a dataset's shared memory and file locks PREFIX_name, one node-wide PREFIX per dataset. Its own
+# registration (get_shm_prefix) lets every rank look for the first free PREFIX from 0, then the node's first
+# rank creates PREFIX_locals: two jobs starting together find the same PREFIX and one fails
+# (FileExistsError: '/00000N_locals'). Ours: the node's first rank claims a PREFIX by creating PREFIX_locals
+# exclusively (taken → try the next), starting from a random point of 1000..999999, and tells the other ranks.
+# Streaming's clean_stale_shared_memory() unlinks every PREFIX from 0 up to the first unused one, live or not;
+# starting at 1000 keeps a live run's memory out of its reach. Nothing here removes memory: a run killed by
+# SIGKILL leaves its PREFIX in use (skipped) until /dev/shm is cleared.
+SHM_PREFIXES = range(1000, 1_000_000)  # streaming formats PREFIX with six digits
+
+
+def claim_shm_prefix(streams_local: list[str], first: int | None = None) -> tuple[int, object]:
+    """(PREFIX, its ``_locals`` SharedMemory): the first PREFIX from ``first`` (default: random) whose names are
+    all free and whose ``_locals`` this call created."""
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory, _get_path
+    from streaming.base.shared.prefix import _pack_locals
+
+    def in_use(prefix: int) -> bool:
+        if any(os.path.exists(os.path.join(tempfile.gettempdir(), _get_path(prefix, lock)))
+               for lock in (BARRIER_FILELOCK, CACHE_FILELOCK)):
+            return True
+        for name in SHM_TO_CLEAN:
+            try:
+                SharedMemory(_get_path(prefix, name), False, auto_cleanup=False).cleanup()
+                return True
+            except PermissionError:
+                return True  # another user's
+            except FileNotFoundError:
+                pass
+        return False
+
+    # SystemRandom: a run may have seeded `random`, and two runs with one seed must not start at one PREFIX
+    first = random.SystemRandom().randrange(len(SHM_PREFIXES)) if first is None else SHM_PREFIXES.index(first)
+    for i in range(len(SHM_PREFIXES)):
+        prefix = SHM_PREFIXES[(first + i) % len(SHM_PREFIXES)]
+        if in_use(prefix):
+            continue
+        data = _pack_locals(streams_local, prefix)
+        try:
+            shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data))
+        except FileExistsError:
+            continue  # another job claimed it between the look and the claim
+        shm.buf[:len(data)] = data
+        return prefix, shm
+    raise RuntimeError(f"every streaming shared-memory prefix {SHM_PREFIXES.start}..{SHM_PREFIXES.stop - 1} is "
+                       "in use on this node: remove /dev/shm/*_locals of runs that are gone")
+
+
+def register_shm_prefix(streams_local: list[str], streams_remote: list[str | None], world,
+                        group=None) -> tuple[int, object]:
+    """Streaming's ``get_shm_prefix`` (same arguments and result), race-free between jobs: the node's first rank
+    claims a PREFIX, every rank of ``group`` (the readers; None: the whole world) learns its node's, the others
+    attach to it. Collective over ``group`` when torch.distributed is initialised. Streaming's check that no
+    other live dataset uses the same local directories is not repeated: every run has its own (``cache_dir``)."""
+    import torch.distributed as dist
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared import SharedMemory, _get_path
+    from streaming.base.shared.prefix import _check_self, _unpack_locals
+
+    _check_self(streams_local)
+    prefix, shm = claim_shm_prefix(streams_local) if world.is_local_leader else (None, None)
+    if dist.is_available() and dist.is_initialized():
+        prefixes = [None] * dist.get_world_size(group)
+        dist.all_gather_object(prefixes, prefix, group=group)
+        prefix = prefixes[world.node * world.ranks_per_node]  # the node's first rank (streaming's node layout)
+    if not world.is_local_leader:
+        shm = SharedMemory(_get_path(prefix, LOCALS), False)
+        if _unpack_locals(bytes(shm.buf)) != (streams_local, prefix):
+            raise RuntimeError(f"streaming prefix {prefix} holds {_unpack_locals(bytes(shm.buf))}, not this node's "
+                               f"first rank's {streams_local}: the ranks of a node were given different data")
+    return prefix, shm
+
+
+@contextlib.contextmanager
+def shm_registration(group=None) -> Iterator[None]:
+    """StreamingDatasets built inside register with :func:`register_shm_prefix` (streaming looks the function up
+    in its dataset module at construction; tests/mlfm_scale/data/test_loader.py pins that)."""
+    import streaming.base.dataset as streaming_dataset
+
+    original = streaming_dataset.get_shm_prefix
+    streaming_dataset.get_shm_prefix = functools.partial(register_shm_prefix, group=group)
+    try:
+        yield
+    finally:
+        streaming_dataset.get_shm_prefix = original
 
 
 @dataclass(frozen=True)
@@ -155,7 +251,7 @@ class TrainData:
         streams = [Stream(remote=str(d), local=str(cache_dir(cfg, d)), split=split,
                           proportion=w if len(source_dirs(cfg)) > 1 else None)
                    for d, w in source_dirs(cfg)]
-        with self._environment():
+        with self._environment(), shm_registration(world.group if world else None):
             self.dataset = StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size,
                                             shuffle=cfg.data.shuffle if shuffle is None else shuffle,
                                             shuffle_seed=cfg.seed, replication=cfg.parallel.tp

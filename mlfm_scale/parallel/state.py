@@ -1,5 +1,6 @@
 """Process-group set-up: torch.distributed from the launcher's environment, then megatron-core's
-``parallel_state`` for tensor/pipeline/data-parallel groups (order tp-cp-ep-dp-pp, megatron's default)."""
+``parallel_state`` for tensor/pipeline/data-parallel groups (order tp-cp-ep-dp-pp, megatron's default).
+Every rank dies with its torchrun agent, and collectives on these groups time out (lifeline.py)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from mlfm_scale.config import ParallelSection
 from mlfm_scale.errors import UserError
+from mlfm_scale.parallel.lifeline import collective_timeout, die_with_launcher
 
 
 def backend_for(device: torch.device) -> str:
@@ -42,6 +44,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (torchrun, the
     deepspeed launcher or our SLURM launcher set them); a single process needs none. Returns (rank, world)."""
     if not dist.is_initialized():
+        die_with_launcher()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
@@ -49,7 +52,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         _local_environment()
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend_for(device))
+        dist.init_process_group(backend_for(device), timeout=collective_timeout())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -58,7 +61,8 @@ def init_model_parallel(layout: ParallelSection, seed: int) -> None:
     rank (the inference tracker: megatron's CUDA RNG fork is not needed without dropout in TP regions)."""
     layout.data_parallel_size(dist.get_world_size())  # raises a clear error when tp × pp does not divide
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                             pipeline_model_parallel_size=layout.pp)
+                                             pipeline_model_parallel_size=layout.pp,
+                                             distributed_timeout_minutes=collective_timeout().total_seconds() / 60)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
 
 

@@ -1,12 +1,15 @@
 """Sharded checkpoints: DeepSpeed's files plus ours, verified by a manifest, published by ``latest``.
 
-    CKPT_DIR/step00000100/   DeepSpeed model/optimizer shards, client state, rankNNNNN.pt (each rank's EMA)
+    CKPT_DIR/step00000100/   DeepSpeed model/optimizer shards, client state, rankNNNNN.pt (each rank's own state)
     CKPT_DIR/step00000100/checkpoint.json   every file with its size and sha256 (written last)
     CKPT_DIR/latest          the newest complete tag, replaced atomically after every rank finished
 
-A checkpoint without ``checkpoint.json``, or whose files differ from it, is refused on load with a message
-naming the file; ``latest`` never points at such a checkpoint. Retention keeps the newest ``keep_last`` and
-every ``keep_every``-th step.
+A save writes into ``stepNNNNNNNN.tmp`` and renames it into place when complete, so a re-saved tag starts
+empty (nothing of an earlier save, such as its layout-free form, survives) and a killed save leaves the
+previous checkpoints as they were. Files and directories are fsynced before ``latest`` moves. A checkpoint
+without ``checkpoint.json``, or whose files differ from it, is refused on load with a message naming the
+file; ``latest`` never points at such a checkpoint. Retention keeps the newest ``keep_last`` and every
+``keep_every``-th step.
 """
 from __future__ import annotations
 
@@ -19,12 +22,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from mlfm_scale.durable import atomic_write_text, fsync_dir, fsync_file
 from mlfm_scale.errors import UserError
 
 MANIFEST = "checkpoint.json"
 UNIVERSAL = "universal"  # a tag's layout-free form (train/reshard.py)
 LATEST = "latest"
 TAG = re.compile(r"^step(\d{8})$")
+STAGING = ".tmp"  # a save in progress: stepNNNNNNNN.tmp
+REPLACED = ".old"  # a re-saved tag's previous files, removed once the new ones are in place
 
 
 class CheckpointError(UserError):
@@ -42,6 +48,30 @@ def step_of(tag: str) -> int:
     return int(m[1])
 
 
+def checked_tag(tag: str) -> str:
+    """``tag`` if it is a tag name (a damaged ``latest`` may hold anything)."""
+    step_of(tag)
+    return tag
+
+
+def tags(ckpt_dir: Path) -> list[str]:
+    """The tag directories in ``ckpt_dir`` (complete or not), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
+
+
+def newest_verified(ckpt_dir: Path) -> str | None:
+    """The newest tag in ``ckpt_dir`` whose files match its manifest."""
+    for tag in reversed(tags(ckpt_dir)):
+        try:
+            verify(ckpt_dir / tag)
+            return tag
+        except CheckpointError:
+            continue
+    return None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -57,14 +87,21 @@ def size(tag_dir: Path) -> int:
 
 
 def write_manifest(tag_dir: Path, info: dict, files: dict[str, dict]) -> None:
-    tmp = tag_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({**info, "files": files}, indent=1))
-    os.replace(tmp, tag_dir / MANIFEST)
+    atomic_write_text(tag_dir / MANIFEST, json.dumps({**info, "files": files}, indent=1))
+
+
+def manifest_sha256(tag_dir: Path) -> str:
+    """The hash of a checkpoint's manifest: it names the checkpoint's exact files."""
+    return _sha256(tag_dir / MANIFEST)
 
 
 def describe(tag_dir: Path, names: list[str]) -> dict[str, dict]:
-    """{name: {bytes, sha256}} for ``names`` under ``tag_dir``."""
-    return {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)} for n in names}
+    """{name: {bytes, sha256}} for ``names`` under ``tag_dir``, each fsynced first."""
+    described = {}
+    for n in names:
+        fsync_file(tag_dir / n)
+        described[n] = {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)}
+    return described
 
 
 def _files(tag_dir: Path) -> list[str]:
@@ -93,8 +130,11 @@ def verify(tag_dir: Path) -> dict:
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    path = ckpt_dir / LATEST
-    return path.read_text().strip() if path.is_file() else None
+    """What ``latest`` says (None if it is missing or unreadable)."""
+    try:
+        return (ckpt_dir / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def resolve(resume: str, ckpt_dir: Path, what: str = "train.resume") -> tuple[Path, str] | None:
@@ -113,16 +153,29 @@ def resolve(resume: str, ckpt_dir: Path, what: str = "train.resume") -> tuple[Pa
     return path, tag
 
 
+def publish_latest(ckpt_dir: Path, tag: str) -> None:
+    """Point ``latest`` at ``tag`` (atomically, durably)."""
+    atomic_write_text(ckpt_dir / LATEST, tag)
+
+
 def publish(ckpt_dir: Path, tag: str, info: dict, files: dict[str, dict], keep_last: int,
             keep_every: int | None) -> None:
-    """On rank 0, after every rank saved: write the manifest, point ``latest`` at ``tag``, apply retention.
+    """On rank 0, after every rank saved into ``tag.tmp``: write the manifest, fsync, move the staged tag into
+    place (replacing an earlier save of it), point ``latest`` at ``tag``, apply retention.
 
     Retention looks only at tags up to ``tag`` (a resumed run leaves an abandoned timeline's newer tags alone):
     the newest ``keep_last`` complete ones and every ``keep_every``-th are kept; incomplete older ones go."""
-    write_manifest(ckpt_dir / tag, info, files)
-    tmp = ckpt_dir / (LATEST + ".tmp")
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / LATEST)
+    staged, final, replaced = ckpt_dir / (tag + STAGING), ckpt_dir / tag, ckpt_dir / (tag + REPLACED)
+    write_manifest(staged, info, files)
+    for d in sorted({p.parent for p in staged.rglob("*")}, key=lambda d: -len(d.parts)):
+        fsync_dir(d)
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staged, final)
+    fsync_dir(ckpt_dir)
+    shutil.rmtree(replaced, ignore_errors=True)
+    publish_latest(ckpt_dir, tag)
     older = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name) and p.name <= tag)
     complete = [t for t in older if (ckpt_dir / t / MANIFEST).is_file()]
     keep = set(complete[-keep_last:]) | {tag}
@@ -139,16 +192,17 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     import torch
 
     tag = tag_for(step)
+    staged = ckpt_dir / (tag + STAGING)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:  # a manifest left from an earlier save of this tag must not vouch for the new files
-        (ckpt_dir / tag / MANIFEST).unlink(missing_ok=True)
+    if rank == 0:  # what a killed save of this tag left behind (ours by its name)
+        shutil.rmtree(staged, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rank_state, ckpt_dir / tag / f"rank{rank:05d}.pt")
+    engine.save_checkpoint(str(ckpt_dir), tag=staged.name, client_state=client_state, save_latest=False)
+    torch.save(rank_state, staged / f"rank{rank:05d}.pt")
     dist.barrier()
-    names = _files(ckpt_dir / tag)
+    names = _files(staged)
     described = [None] * world
-    dist.all_gather_object(described, describe(ckpt_dir / tag, names[rank::world]))
+    dist.all_gather_object(described, describe(staged, names[rank::world]))
     if rank == 0:
         files = {k: v for part in described for k, v in part.items()}
         publish(ckpt_dir, tag, info, dict(sorted(files.items())), keep_last, keep_every)
@@ -172,18 +226,25 @@ def on_rank0(fn) -> None:
         raise CheckpointError(problem[0])
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> tuple[dict, dict, dict]:
-    """Collective: (client state, this rank's own state, checkpoint info) after verifying the files on rank 0;
-    a checkpoint of another layout is resharded for this one (train/reshard.py)."""
+def load(engine, ckpt_dir: Path, tag: str, verified: bool = False) -> tuple[dict, dict, dict]:
+    """Collective: (client state, this rank's own state, checkpoint info) after verifying the files on rank 0
+    (unless the caller just did: ``verified``); a checkpoint of another layout is resharded for this one
+    (train/reshard.py)."""
     import torch
 
-    on_rank0(lambda: verify(ckpt_dir / tag))
+    if not verified:
+        on_rank0(lambda: verify(ckpt_dir / tag))
     info = json.loads((ckpt_dir / tag / MANIFEST).read_text())
     from mlfm_scale.train.reshard import layout_changed, load_resharded
 
     if layout_changed(info, engine):  # another world size, TP size or ZeRO stage: through the layout-free form
         client_state, rank_state = load_resharded(engine, ckpt_dir / tag)
         return client_state, rank_state, info
+    from mlfm_scale.train.universal import load_file
+
+    # DeepSpeed's own loader unpickles with weights_only=False: its files go through ours (weights only, plus the
+    # few plain types DeepSpeed stores) instead
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_file(path, map_location or "cpu")
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     rank_state = torch.load(ckpt_dir / tag / f"rank{dist.get_rank():05d}.pt", weights_only=True)

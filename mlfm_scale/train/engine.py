@@ -47,6 +47,26 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class LRSchedule:
+    """``lr_factor`` as the LambdaLR's function. An object, not a closure, so the scheduler's state_dict holds its
+    settings: a resumed run keeps the horizon ``total`` it was trained with (``train.schedule_steps`` moves it)."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup, self.total, self.min_ratio)
+
+
+def set_horizon(scheduler, total: int) -> None:
+    """Move the LR schedule's horizon to ``total`` steps, and the optimizer's current LR with it."""
+    for fn in scheduler.lr_lambdas:
+        fn.total = total
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def deepspeed_config(cfg: Config) -> dict:
     zero = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage == 3:
@@ -81,7 +101,7 @@ def build_engine(cfg: Config, model: nn.Module, mpu, device: torch.device):
                                   betas=cfg.train.adam_betas, fused=device.type == "cuda")
     t = cfg.train
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio))
+        optimizer, LRSchedule(t.warmup_steps, t.schedule_steps or t.steps, t.min_lr_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                            config=deepspeed_config(cfg), mpu=mpu)
     return engine, optimizer, scheduler

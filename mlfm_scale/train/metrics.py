@@ -5,35 +5,69 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from pathlib import Path
 
 from mlfm_scale.config import Config
+from mlfm_scale.durable import atomic_write_text
+from mlfm_scale.redact import redact
+
+METRICS = "metrics.jsonl"
 
 
 class MetricsLogger:
+    """Rank 0 writes; the others hold the same object, disabled. Registered with the checkpoint manager: its
+    state is the wandb run id (a resumed or requeued run continues the same wandb run) and the step it had
+    logged to (a resume drops ``metrics.jsonl`` rows past the checkpoint, so no step is logged twice)."""
+
     def __init__(self, cfg: Config, out_dir: Path, enabled: bool):
         self.cfg, self.out_dir, self.enabled = cfg, out_dir, enabled
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.started = time.perf_counter()
-        self.wandb = None
+        self.wandb, self.wandb_id, self.step = None, None, 0
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = (out_dir / "metrics.jsonl").open("a")
+            self.file = (out_dir / METRICS).open("a")
             if cfg.log.wandb:
-                import wandb
+                self.wandb_id = secrets.token_hex(4)  # wandb run ids: short, [a-z0-9]
 
-                self.wandb = wandb.init(project=cfg.log.wandb_project, name=cfg.name, dir=str(out_dir),
-                                        mode=cfg.log.wandb_mode, config=cfg.model_dump(mode="json"))
+    def state_dict(self) -> dict:
+        return {"wandb_id": self.wandb_id, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint at ``state["step"]``: rows logged past it belong to a timeline that was
+        abandoned (a kill, a rollback) and are dropped; wandb resumes the checkpoint's run."""
+        self.step = state["step"]
+        self.wandb_id = state.get("wandb_id") or self.wandb_id
+        if not self.enabled:
+            return
+        self.file.close()
+        path = self.out_dir / METRICS
+        kept = [line for line in path.read_text().splitlines() if (step := _step_of(line)) is not None
+                and step <= self.step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+        self.history = {k: [(s, v) for s, v in rows if s <= self.step] for k, rows in self.history.items()}
+
+    def _wandb(self):
+        if self.wandb is None and self.wandb_id is not None:
+            import wandb
+
+            self.wandb = wandb.init(project=self.cfg.log.wandb_project, name=self.cfg.name, dir=str(self.out_dir),
+                                    mode=self.cfg.log.wandb_mode, id=self.wandb_id, resume="allow",
+                                    config=redact(self.cfg.model_dump(mode="json")))
+        return self.wandb
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        self.step = max(self.step, step)
         if not self.enabled:
             return
         for key, value in values.items():
             self.history.setdefault(key, []).append((step, value))
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        if self._wandb() is not None:
             self.wandb.log(values, step=step)
 
     def console(self, step: int, total: int, values: dict[str, float], start_step: int) -> None:
@@ -51,7 +85,7 @@ class MetricsLogger:
             return
         self.file.write(json.dumps({"step": step, name: record}) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        if self._wandb() is not None:
             import wandb
 
             columns = [k for k, v in record.items() if isinstance(v, list)]
@@ -87,6 +121,14 @@ class MetricsLogger:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _step_of(line: str) -> int | None:
+    """A metrics row's step; None for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def plot_gamma(path: Path, density: tuple, ce_curve: tuple | None = None, decision: dict | None = None,

@@ -59,6 +59,7 @@ class MLFMObjective:
         self.curve = active_curve_for(cfg)
         self._schedule = gamma_schedule_for(cfg, self.curve)
         self._probe: float | None = None
+        self.poisoned = False  # test-only fault (train.inject_nonfinite): the step's loss, hence its gradient, is NaN
 
     @contextmanager
     def probing(self, gamma: float) -> Iterator[None]:
@@ -158,6 +159,8 @@ class MLFMObjective:
         loss = reduce(out.ce)
         if want_x0:
             loss = loss + self.cfg.mse_weight * reduce(embedding_mse(out.x0_hat, c.e.detach()))
+        if self.poisoned:
+            loss = loss * float("nan")
         count = c.corrupted.sum(dim=1)  # a row with nothing corrupted reports NaN (the γ curve skips it)
         per_row = lambda x: torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count
         diagnostics = {"ce": per_row(out.ce), "accuracy": per_row(out.correct), "confidence": per_row(out.max_prob),

@@ -4,9 +4,10 @@
 stores train/universal.py's per-parameter full tensors next to the checkpoint's files::
 
     TAG/universal/{param,exp_avg,exp_avg_sq,ema}.safetensors   canonical name → full float32 tensor
-    TAG/universal/state.pt      client state (config, loader position, γ curve, decision profile, counters, RNG),
+    TAG/universal/state.pt      client state (config and every registered component: train/manager.py),
                                 AdamW's step, the LR schedule and DeepSpeed's step counters
-    TAG/universal/checkpoint.json   sizes and sha256 of the above (verified before use)
+    TAG/universal/checkpoint.json   sizes and sha256 of the above, and the hash of the source's manifest:
+                                a form whose source has changed since (a re-saved tag) is rebuilt, not used
 
 ``load_resharded(engine, tag_dir)`` (collective) splits each parameter for this rank of the current layout and
 writes the weights, the fp32 master copy and both AdamW moments into the freshly built DeepSpeed engine
@@ -28,10 +29,12 @@ from mlfm_scale.train.checkpoint import (
     UNIVERSAL,
     CheckpointError,
     describe,
+    manifest_sha256,
     on_rank0,
     verify,
     write_manifest,
 )
+from mlfm_scale.train.manager import components
 from mlfm_scale.train.universal import KINDS, CheckpointReader, canonical_name, load_file, split_tp, tp_partition
 
 STATE = "state.pt"
@@ -51,14 +54,24 @@ def write_universal(tag_dir: Path, out: Path | None = None) -> Path:
     for kind in kinds:
         save_file({n: t.contiguous() for n, t in reader.read([kind])[kind].items()}, out / f"{kind}.safetensors")
     states = reader.client_state()
-    client = {k: states[k] for k in ("state", "loader", "objective", "rng", "manifest_sha256", "config")}
-    client["decision"] = states.get("decision")  # the latest decision profile (absent before it was recorded)
+    client = {"components": components(states), "manifest_sha256": states["manifest_sha256"],
+              "config": states["config"]}
     torch.save({"client": client, "optimizer_step": reader.optimizer_step(), "lr_scheduler": states["lr_scheduler"],
                 "engine": {k: states[k] for k in ("global_steps", "global_samples", "skipped_steps")},
                 "source": {k: reader.info[k] for k in ("world_size", "tp", "pp", "dp", "zero_stage")}}, out / STATE)
     names = [STATE, *(f"{k}.safetensors" for k in kinds)]
-    write_manifest(out, {"step": reader.info["step"], "universal_of": str(tag_dir)}, describe(out, names))
+    write_manifest(out, {"step": reader.info["step"], "universal_of": str(tag_dir),
+                         "source_manifest_sha256": manifest_sha256(tag_dir)}, describe(out, names))
     return out
+
+
+def current_universal(tag_dir: Path) -> bool:
+    """Whether ``tag_dir/universal`` verifies and was written from ``tag_dir``'s files as they are now."""
+    try:
+        manifest = verify(tag_dir / UNIVERSAL)
+    except CheckpointError:
+        return False
+    return manifest.get("source_manifest_sha256") == manifest_sha256(tag_dir)
 
 
 def layout_changed(info: dict, engine) -> bool:
@@ -99,7 +112,7 @@ def _init_adamw_state(engine, step: int) -> None:
 @torch.no_grad()
 def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
     """Collective: load ``tag_dir`` (any layout) into ``engine`` (this layout); returns (client state, this rank's
-    own state ``{"ema": ...}``). Rank 0 writes ``tag_dir/universal`` first unless a verified one is there."""
+    own state ``{"ema": ...}``). Rank 0 writes ``tag_dir/universal`` first unless a current one is there."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from megatron.core import parallel_state as ps
     from safetensors import safe_open
@@ -107,9 +120,7 @@ def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
     universal = tag_dir / UNIVERSAL
 
     def prepare() -> None:
-        try:
-            verify(universal)
-        except CheckpointError:
+        if not current_universal(tag_dir):
             write_universal(tag_dir, universal)
 
     on_rank0(prepare)

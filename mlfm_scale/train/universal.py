@@ -84,9 +84,11 @@ def split_tp(full: torch.Tensor, partition: tuple[int, int] | None, tp: int, ran
     return torch.cat([part.chunk(tp, dim)[rank] for part in full.chunk(stride, dim)], dim)
 
 
-def load_file(path: Path) -> dict:
+def load_file(path: Path, map_location="cpu") -> dict:
     """A DeepSpeed / our checkpoint file with ``torch.load(weights_only=True, mmap=True)``, allowing only the plain
-    types DeepSpeed and our client state store besides tensors (numpy RNG state, DeepSpeed's enums, loss scaler)."""
+    types DeepSpeed and our client state store besides tensors (numpy RNG state, DeepSpeed's enums, loss scaler).
+    Training resumes read DeepSpeed's files through it too (train/checkpoint.py), so no checkpoint file is ever
+    unpickled with arbitrary globals."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -94,7 +96,7 @@ def load_file(path: Path) -> dict:
     allowed = [ZeroStageEnum, LossScaler, fragment_address, np.ndarray, np.dtype, np._core.multiarray._reconstruct,
                type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):  # memory-mapped: only the tensors read are paged in
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
 class CheckpointReader:
@@ -122,8 +124,10 @@ class CheckpointReader:
         return load_file(self._model_states_path(mp, dp_rank))
 
     def _optim(self, mp: int, dp_rank: int) -> dict:
-        return load_file(self.tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt")[
-            "optimizer_state_dict"]
+        name = f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
+        if not (self.tag_dir / name).is_file():  # a bf16 run's (the same fp32 state, DeepSpeed names it so)
+            name = "bf16_" + name
+        return load_file(self.tag_dir / name)["optimizer_state_dict"]
 
     def _ema(self, mp: int, dp_rank: int) -> dict:
         stage, tp_rank = divmod(mp, self.tp)  # global rank: megatron's order, pipeline stage slowest

@@ -98,7 +98,7 @@ def test_existing_output_is_refused_unless_overwrite(prepared, synth_corpus):
         prepare_shards([synth_corpus], out, OPTS, SEQ, progress=False)
 
 
-def test_failure_midway_leaves_no_index_and_no_manifest(tmp_path, synth_corpus):
+def test_failure_midway_leaves_no_output(tmp_path, synth_corpus):
     bad = tmp_path / "bad.jsonl"
     lines = synth_corpus.read_text().splitlines()
     bad.write_text("\n".join(lines[:500] + ["{broken"] + lines[500:]) + "\n")
@@ -110,13 +110,121 @@ def test_failure_midway_leaves_no_index_and_no_manifest(tmp_path, synth_corpus):
     with pytest.raises(CorpusError, match=r"bad\.jsonl:501: malformed JSON"):
         prepare_shards([bad], out, opts.model_copy(update={"tokenizer": str(tmp_path / "tok.json")}), SEQ,
                        progress=False)
-    assert any(out.glob("train/c*/shard.*"))  # chunks before the bad line were written ...
-    assert not (out / "train" / "index.json").exists() and not (out / "manifest.json").exists()  # ... unclaimed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "tok.json"]  # no out, no temporary
     with pytest.raises(ManifestError, match="no manifest.json"):
         read_manifest(out)
-    manifest = prepare_shards([bad], out, opts.model_copy(update={"skip_bad": True}), SEQ, overwrite=True,
-                              progress=False)
+    manifest = prepare_shards([bad], out, opts.model_copy(update={"skip_bad": True}), SEQ, progress=False)
     assert manifest["skipped"]["bad"] == 1
+
+
+# ------------------------------------------------------------------ replacing a previous prep (--overwrite)
+SMALL = OPTS.model_copy(update={"workers": 1})
+
+
+def snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def previous(tmp_path):
+    """A finished prep of 300 documents in ``tmp_path/data``, with its corpus beside it."""
+    from data_prep.synth import write_synth_jsonl
+
+    write_synth_jsonl(tmp_path / "raw.jsonl", 300, seed=3)
+    prepare_shards([tmp_path / "raw.jsonl"], tmp_path / "data", SMALL, SEQ, progress=False)
+    return tmp_path / "data"
+
+
+def test_input_inside_out_is_refused_and_nothing_deleted(tmp_path, previous, monkeypatch):
+    # the issue's case: `mlfm prep corpus data/raw.jsonl --out data --overwrite`
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "raw.jsonl").write_bytes((tmp_path / "raw.jsonl").read_bytes())
+    with pytest.raises(PrepError, match=r"input .*raw\.jsonl lies inside the output directory"):
+        prepare_shards([fresh / "raw.jsonl"], fresh, SMALL, SEQ, overwrite=True, progress=False)
+    assert [p.name for p in fresh.iterdir()] == ["raw.jsonl"]
+    # ... and inside a previous prep, named through a symlink, a relative path or a directory
+    (previous / "raw.jsonl").write_bytes((tmp_path / "raw.jsonl").read_bytes())
+    (tmp_path / "link.jsonl").symlink_to(previous / "raw.jsonl")
+    before = snapshot(previous)
+    monkeypatch.chdir(tmp_path)
+    for given, out in [(tmp_path / "link.jsonl", previous), ("fresh/../data/raw.jsonl", "data"), (previous, "data")]:
+        with pytest.raises(PrepError, match="lies inside the output directory"):
+            prepare_shards([given], out, SMALL, SEQ, overwrite=True, progress=False)
+    assert snapshot(previous) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "fresh", "link.jsonl", "raw.jsonl"]
+
+
+def test_tokenizer_inside_out_is_refused(tmp_path, previous):
+    before = snapshot(previous)
+    for given in (previous / "tokenizer", previous / "tokenizer" / "tokenizer.json"):
+        with pytest.raises(PrepError, match="--tokenizer .* lies inside the output directory"):
+            prepare_shards([tmp_path / "raw.jsonl"], previous, SMALL.model_copy(update={"tokenizer": str(given)}),
+                           SEQ, overwrite=True, progress=False)
+    assert snapshot(previous) == before
+
+
+def test_failed_overwrite_leaves_the_previous_prep_intact_and_loadable(tmp_path, previous):
+    before, samples = snapshot(previous), read_split(previous, "train", cache=tmp_path / "cache1")
+    bad = tmp_path / "bad.jsonl"
+    lines = (tmp_path / "raw.jsonl").read_text().splitlines()
+    bad.write_text("\n".join(lines[:200] + ["{broken"] + lines[200:]) + "\n")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not a tokenizer")
+    (tmp_path / "tok2").mkdir()
+    (tmp_path / "tok2" / "tokenizer.json").write_bytes(before["tokenizer/tokenizer.json"])  # a valid one
+    failing = [([bad], SMALL.model_copy(update={"tokenizer": str(tmp_path / "tok2")}), CorpusError),  # midway
+               ([tmp_path / "raw.jsonl"], SMALL.model_copy(update={"tokenizer": str(tmp_path / "tok")}),
+                TokenizerError)]
+    for inputs, opts, error in failing:
+        with pytest.raises(error):
+            prepare_shards(inputs, previous, opts, SEQ, overwrite=True, progress=False)
+        assert snapshot(previous) == before
+    assert not any(p.name.startswith(".data.tmp-") for p in tmp_path.iterdir())
+    assert read_manifest(previous)["files"] == sorted(set(before) - {"manifest.json"})
+    again = read_split(previous, "train", cache=tmp_path / "cache2")
+    assert [s["tokens"].tolist() for s in again] == [s["tokens"].tolist() for s in samples]
+
+
+def test_overwrite_replaces_only_the_previous_prep_files(tmp_path, previous):
+    from data_prep.synth import write_synth_jsonl
+
+    old = read_manifest(previous)
+    (previous / "NOTES.md").write_text("mine")
+    (previous / "train" / "keep.txt").write_text("mine too")
+    write_synth_jsonl(tmp_path / "small.jsonl", 30, seed=4)  # one chunk, where the previous prep had several
+    new = prepare_shards([tmp_path / "small.jsonl"], previous, SMALL, 32, overwrite=True, progress=False)
+    assert new["seq_len"] == 32 and new["splits"]["train"]["blocks"] < old["splits"]["train"]["blocks"]
+    assert read_manifest(previous) == new
+    assert sorted(snapshot(previous)) == sorted([*new["files"], "manifest.json", "NOTES.md", "train/keep.txt"])
+    assert (previous / "NOTES.md").read_text() == "mine" and (previous / "train" / "keep.txt").read_text() == "mine too"
+    gone = {f.split("/")[1] for f in old["files"]} - {f.split("/")[1] for f in new["files"]}
+    assert "c000001" in gone and not any((previous / s / c).exists() for s in ("train", "val") for c in gone)
+    assert len(read_split(previous, "train")) == new["splits"]["train"]["blocks"]
+
+
+def test_overwrite_refuses_a_directory_without_a_file_list(tmp_path, previous):
+    manifest = read_manifest(previous)
+    del manifest["files"]  # as written before manifests listed their files
+    (previous / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.csv").write_text("mine")
+    for out in (previous, tmp_path / "mine"):  # an old prep; a directory that holds no prep at all
+        before = snapshot(out)
+        with pytest.raises(PrepError, match="empty the directory yourself"):
+            prepare_shards([tmp_path / "raw.jsonl"], out, SMALL, SEQ, overwrite=True, progress=False)
+        assert snapshot(out) == before
+
+
+def test_overwrite_refuses_to_replace_a_file_the_previous_prep_did_not_write(tmp_path, previous):
+    manifest = read_manifest(previous)
+    manifest["files"].remove("val/index.json")  # so val/index.json is the user's, where the new prep writes
+    (previous / "manifest.json").write_text(json.dumps(manifest))
+    (previous / "val" / "index.json").write_text("mine")
+    before = snapshot(previous)
+    with pytest.raises(PrepError, match=r"val/index\.json was not written by a previous prep"):
+        prepare_shards([tmp_path / "raw.jsonl"], previous, SMALL, SEQ, overwrite=True, progress=False)
+    assert snapshot(previous) == before
 
 
 def test_given_tokenizer_gets_a_mask_token_appended(tmp_path, synth_corpus):
@@ -180,3 +288,7 @@ def test_cli_end_to_end(tmp_path, mlfm_cmd):
     assert bad.returncode == 1 and "c.jsonl:202: no field 'text'" in bad.stderr and "Traceback" not in bad.stderr
     again = run("prep", "corpus", str(corpus), "--out", str(tmp_path / "s"), "--no-progress")
     assert again.returncode == 1 and "--overwrite" in again.stderr
+    (tmp_path / "s" / "raw.jsonl").write_bytes(corpus.read_bytes())
+    inside = run("prep", "corpus", str(tmp_path / "s" / "raw.jsonl"), "--out", str(tmp_path / "s"), "--overwrite")
+    assert inside.returncode == 1 and "lies inside the output directory" in inside.stderr
+    assert "Traceback" not in inside.stderr and (tmp_path / "s" / "raw.jsonl").is_file()

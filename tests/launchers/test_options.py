@@ -47,3 +47,20 @@ def test_sbatch_parameters():
 @pytest.mark.parametrize("path", sorted(CLUSTERS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_cluster_profile_validates(path):
     assert load_profile(str(path))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("partition", "debug\ntouch /tmp/pwned"), ("partition", "debug;id"), ("account", "my project"),
+    ("qos", "$(id)"), ("constraint", "h100\n#"), ("constraint", "'h100'"), ("mem", "4G\nrm -rf ~"), ("mem", "lots"),
+    ("time", "01:00:00\n"),
+], ids=lambda v: repr(v))
+def test_values_written_into_sbatch_lines_are_refused_outside_slurm_syntax(key, value):
+    with pytest.raises(ConfigError, match=rf"{key} \(launch\.{key}, --{key}\): .*launch\.{key} may contain only"):
+        resolve_launch(LaunchSection(), {key: value})
+
+
+def test_slurm_syntax_is_accepted():
+    launch = LaunchSection(partition="gpu,debug", account="my-project.x", qos="high_prio", mem="500M",
+                           constraint="[rack1*2|rack2*4]&(a100|h100),ib:2", time="1-00:00")
+    assert launch.constraint == "[rack1*2|rack2*4]&(a100|h100),ib:2"
+    assert LaunchSection(mem="0").mem == "0" and LaunchSection(mem="64G").mem == "64G"

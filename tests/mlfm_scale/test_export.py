@@ -1,14 +1,20 @@
 """``mlfm export``: a TP=2 × ZeRO-3 and a PP=2 × ZeRO-1 checkpoint consolidated, loaded by the plain-PyTorch
-inference model, give the training engine's logits; a tampered or truncated shard is refused."""
+inference model, give the training engine's logits; a tampered or truncated shard is refused; a failed or killed
+export leaves the previous one complete."""
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mlfm_scale.cli import main
+from mlfm_scale.errors import UserError
 from mlfm_scale.export import export
 from mlfm_scale.inference import MLFMForInference
+from tests.conftest import REPO
 from tests.distributed import run_distributed
 from tests.mlfm_scale.conftest import PIPELINE
 from tests.mlfm_scale.train.engine_worker import load_and_probe, load_and_probe_pipeline
@@ -85,3 +91,62 @@ def test_export_refuses_a_damaged_shard(tp2_run, tmp_path, capsys, damage):
     assert err.startswith("mlfm export: error: ") and "zero_pp_rank_0_mp_rank_01_optim_states.pt" in err
     assert ("truncated" if damage == "truncate" else "does not match its sha256") in err
     assert not (tmp_path / "out").exists()
+
+
+def weights_of(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+def test_a_failed_export_leaves_the_previous_one(tp2_run, tmp_path, monkeypatch):
+    """A write failing after the weights are written (here the tokenizer copy): the earlier export is untouched
+    and nothing of the failed one is left behind."""
+    tag, out = tp2_run / "checkpoints" / "step00000008", tmp_path / "export"
+    export(tag, out, weights="ema")
+    before = weights_of(out)
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mlfm_scale.export.shutil.copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export(tag, out, weights="raw", overwrite=True)
+    assert json.loads((out / "config.json").read_text())["weights"] == "ema"
+    assert all(torch.equal(before[n], t) for n, t in weights_of(out).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_killed_export_leaves_the_previous_one_and_the_next_export_cleans_up(tp2_run, tmp_path, capsys):
+    """SIGKILL after the new weights and config are written: the earlier export is complete and loadable, the
+    partial one sits in OUT.tmp; the next export removes it (saying so) and replaces the earlier one."""
+    tag, out = tp2_run / "checkpoints" / "step00000008", tmp_path / "export"
+    export(tag, out, weights="ema")
+    script = ("import os, signal, sys\nfrom pathlib import Path\nimport mlfm_scale.export as e\n"
+              "e.shutil.copyfile = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "e.export(Path(sys.argv[1]), Path(sys.argv[2]), weights='raw', overwrite=True)\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(tag), str(out)], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    partial = tmp_path / "export.tmp"
+    assert json.loads((partial / "config.json").read_text())["weights"] == "raw"
+    assert not (partial / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["weights"] == "ema"
+    assert MLFMForInference.from_pretrained(out).tokenizer().get_vocab_size() == 300
+
+    export(tag, out, weights="raw", overwrite=True)
+    assert f"WARNING: removed {partial}, left by an interrupted write" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["weights"] == "raw"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    MLFMForInference.from_pretrained(out)
+
+
+def test_overwrite_refuses_a_directory_holding_other_files(tmp_path):
+    """--overwrite replaces the whole OUT_DIR, so it refuses one that holds anything an export does not write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files an export does not write \(notes.txt\)"):
+        export(tmp_path / "step00000008", out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"

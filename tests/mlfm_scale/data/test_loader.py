@@ -1,4 +1,11 @@
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from mlfm_scale.data.loader import collate, segment_ids
@@ -24,8 +31,6 @@ def test_collate_builds_micro_batch_tensors():
 
 
 def test_mixture_of_sources_follows_the_weights(tmp_path):
-    import json
-
     from data_prep.shards import prepare_shards
     from mlfm_scale.config import PrepSection, load_config
     from mlfm_scale.data.loader import TrainData, load_manifest
@@ -45,12 +50,9 @@ def test_mixture_of_sources_follows_the_weights(tmp_path):
                              f"data.sources={sources}"])
     assert load_manifest(cfg)["seq_len"] == 32
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()
     source_a = StreamingDataset(local=str(tmp_path / "a"), split="train", batch_size=1)
     a_blocks = {tuple(s["tokens"].tolist()) for s in source_a}
-    clean_stale_shared_memory()
     data = TrainData(cfg)
     rows = [tuple(t.tolist()) for _ in range(40) for t in next(data)["tokens"]]
     share = sum(r in a_blocks for r in rows) / len(rows)
@@ -60,10 +62,6 @@ def test_mixture_of_sources_follows_the_weights(tmp_path):
 def test_a_position_saved_at_the_end_of_an_epoch_resumes_into_the_next(tmp_path):
     """Saved after the last batch of an epoch (before the loader found the end), the position resumes into the
     next epoch; it is not mistaken for a split too small for one batch."""
-    import json
-
-    from streaming.base.util import clean_stale_shared_memory
-
     from data_prep.shards import prepare_shards
     from data_prep.synth import synth_documents
     from mlfm_scale.config import PrepSection, load_config
@@ -74,15 +72,114 @@ def test_a_position_saved_at_the_end_of_an_epoch_resumes_into_the_next(tmp_path)
                    32, progress=False)
     cfg = load_config(None, [f"out_dir={tmp_path}", "data.root=data", "data.seq_len=32", "train.micro_batch_size=4",
                              f"data.cache={tmp_path / 'cache'}"])
-    clean_stale_shared_memory()
     data = TrainData(cfg)
     per_epoch = len(data.loader)
     first = [next(data)["block_id"].tolist() for _ in range(per_epoch)]
     state = data.state_dict()
     second = next(data)["block_id"].tolist()  # the first batch of epoch 2
     del data
-    clean_stale_shared_memory()
     resumed = TrainData(cfg)
     resumed.load_state_dict(state)
     assert next(resumed)["block_id"].tolist() == second
     assert len(first) == per_epoch > 1
+
+
+def test_a_prefix_claim_skips_used_prefixes_and_survives_losing_a_race(monkeypatch):
+    """A PREFIX with any of a dataset's names is skipped; a PREFIX whose ``_locals`` another job creates between
+    our look and our claim is given up for the next one."""
+    import streaming.base.shared as shared
+
+    from mlfm_scale.data.loader import SHM_PREFIXES, claim_shm_prefix
+
+    first = SHM_PREFIXES.stop - 2
+    expected = [first, first + 1, SHM_PREFIXES.start]  # the search wraps around
+    taken = shared.SharedMemory(f"{expected[0]:06}_barrier", True, 8)  # a live dataset's memory
+    real, rival = shared.SharedMemory, []
+
+    def rival_claims_first(name, create=None, size=0, auto_cleanup=True):
+        if create is True and name == f"{expected[1]:06}_locals":
+            rival.append(real(name, True, 8))  # another job, between our look and our claim
+        return real(name, create, size, auto_cleanup)
+
+    monkeypatch.setattr(shared, "SharedMemory", rival_claims_first)
+    try:
+        prefix, shm = claim_shm_prefix(["/cache/train"], first=first)
+        assert prefix == expected[2] and bytes(shm.buf[4:]).startswith(b"/cache/train")
+        shm.cleanup()
+    finally:
+        for s in (taken, *rival):
+            s.cleanup()
+
+
+def _job_rank(barrier, rank: int, world: int, port: int, overrides: list[str], rounds: int, result: str) -> None:
+    """One rank of a training job on this node: ``rounds`` times, build the job's TrainData at the same moment
+    as every other job, read a batch, and keep the dataset alive until all did; writes its prefixes or its error."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from mlfm_scale.config import load_config
+    from mlfm_scale.data.loader import TrainData
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    prefixes = []
+    try:
+        cfg = load_config(None, overrides)
+        for _ in range(rounds):
+            barrier.wait(timeout=300)
+            data = TrainData(cfg)
+            assert next(data)["tokens"].shape == (4, 32)
+            prefixes.append(data.dataset._shm_prefix_int)
+            barrier.wait(timeout=300)  # every job's dataset is alive here
+            del data
+        outcome = {"prefixes": prefixes}
+    except BaseException:
+        barrier.abort()
+        outcome = {"error": traceback.format_exc()}
+    Path(result).write_text(json.dumps(outcome))
+
+
+@pytest.mark.multiprocess
+def test_jobs_starting_together_on_one_node_all_build_their_data(shards, tmp_path):
+    """Three 2-rank jobs on this node — two on the same shards, one on other shards — build their datasets at the
+    same instant, four times over: all succeed, each job's ranks share one PREFIX and the jobs' PREFIXes differ.
+    (Streaming's own registration fails here: the two jobs on the same shards share a cache directory, and
+    concurrent ones claim the same PREFIX.)"""
+    import multiprocessing as mp
+
+    from data_prep.shards import prepare_shards
+    from data_prep.synth import write_synth_jsonl
+    from mlfm_scale.config import PrepSection
+    from tests.distributed import free_port
+
+    write_synth_jsonl(tmp_path / "other.jsonl", 200, seed=5)
+    prepare_shards([tmp_path / "other.jsonl"], tmp_path / "other", PrepSection(vocab_size=300, chunk_bytes=16384),
+                   32, progress=False)
+    jobs = {"a": shards, "b": shards, "c": tmp_path / "other"}
+    ctx = mp.get_context("spawn")
+    barrier, rounds = ctx.Barrier(2 * len(jobs)), 4
+    procs = {}
+    for job, data in jobs.items():
+        port = free_port()
+        overrides = [f"out_dir={tmp_path / job}", f"data.root={data}", f"data.cache={tmp_path / 'cache'}",
+                     "data.seq_len=32", "train.micro_batch_size=4"]
+        for rank in range(2):
+            procs[job, rank] = ctx.Process(target=_job_rank, args=(barrier, rank, 2, port, overrides, rounds,
+                                                                    str(tmp_path / f"{job}{rank}.json")))
+            procs[job, rank].start()
+    deadline = time.monotonic() + 600
+    for p in procs.values():
+        p.join(max(1.0, deadline - time.monotonic()))
+    hung = [key for key, p in procs.items() if p.is_alive()]
+    for key in hung:
+        procs[key].kill()
+        procs[key].join()
+    results = {key: json.loads(f.read_text()) if (f := tmp_path / f"{key[0]}{key[1]}.json").exists()
+               else {"error": "no result (killed)"} for key in procs}
+    errors = [f"job {job} rank {rank}: {r['error'][-1200:]}" for (job, rank), r in results.items() if "error" in r]
+    assert not hung and not errors, f"hung: {hung}\n" + "\n".join(errors)
+    for i in range(rounds):
+        per_job = {job: {results[job, rank]["prefixes"][i] for rank in range(2)} for job in jobs}
+        assert all(len(p) == 1 for p in per_job.values()), per_job  # one PREFIX per job and node
+        assert len(set.union(*per_job.values())) == len(jobs), per_job  # no two jobs share one

@@ -1,13 +1,24 @@
 import pytest
 
-from mlfm_scale.train.checkpoint import CheckpointError, describe, publish, resolve, tag_for, verify
+from mlfm_scale.train.checkpoint import (
+    STAGING,
+    CheckpointError,
+    describe,
+    newest_verified,
+    publish,
+    resolve,
+    tag_for,
+    verify,
+)
 
 
-def make(ckpt, step):
+def make(ckpt, step, content=b"x" * 100):
+    """Save step ``step`` the way every rank's save does: into the staging directory, then publish."""
     tag = tag_for(step)
-    (ckpt / tag).mkdir(parents=True)
-    (ckpt / tag / "weights.pt").write_bytes(b"x" * 100)
-    publish(ckpt, tag, {"step": step}, describe(ckpt / tag, ["weights.pt"]), keep_last=2, keep_every=10)
+    staged = ckpt / (tag + STAGING)
+    staged.mkdir(parents=True)
+    (staged / "weights.pt").write_bytes(content)
+    publish(ckpt, tag, {"step": step}, describe(staged, ["weights.pt"]), keep_last=2, keep_every=10)
     return tag
 
 
@@ -49,3 +60,23 @@ def test_retention_leaves_newer_timelines_and_drops_older_incomplete_tags(tmp_pa
 def test_resume_path_without_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint there"):
         resolve(str(tmp_path), tmp_path)
+
+
+def test_a_resaved_tag_starts_empty(tmp_path):
+    """Nothing of an earlier save of a tag (here, its layout-free form) survives a new save of it."""
+    tag = make(tmp_path, 5)
+    (tmp_path / tag / "universal").mkdir()
+    (tmp_path / tag / "universal" / "param.safetensors").write_bytes(b"stale")
+    make(tmp_path, 5, content=b"z" * 100)
+    assert not (tmp_path / tag / "universal").exists()
+    assert (tmp_path / tag / "weights.pt").read_bytes() == b"z" * 100 and verify(tmp_path / tag)["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag]
+
+
+def test_an_unfinished_save_leaves_the_published_checkpoints_alone(tmp_path):
+    make(tmp_path, 5)
+    staged = tmp_path / (tag_for(10) + STAGING)  # a save killed before rank 0 published it
+    staged.mkdir()
+    (staged / "weights.pt").write_bytes(b"partial")
+    assert resolve("auto", tmp_path) == (tmp_path, "step00000005") and verify(tmp_path / "step00000005")
+    assert newest_verified(tmp_path) == "step00000005"

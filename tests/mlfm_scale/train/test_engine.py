@@ -6,7 +6,7 @@ from mlfm_scale.config import ModelSection, load_config
 from mlfm_scale.errors import UserError
 from mlfm_scale.model.mlfm import MLFMModel
 from mlfm_scale.train.engine import apply_trainable, deepspeed_config, lr_factor, param_groups
-from mlfm_scale.train.loop import BadStepGuard, TrainingError, step_seed
+from mlfm_scale.train.trainer import BadStepGuard, step_seed
 
 CFG = ModelSection(num_layers=1, hidden_size=32, num_heads=4, ffn_hidden_size=64, time_embed_dim=16,
                    time_hidden_size=32)
@@ -48,15 +48,16 @@ def test_deepspeed_config_follows_the_layout():
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
-def test_bad_steps_are_counted_and_stop_the_run():
+def test_bad_steps_are_counted_in_a_row_and_since_the_last_save():
     guard = BadStepGuard(limit=3)
-    assert guard.check(1, 1.0, 1.0, None)
-    assert not guard.check(2, math.nan, 1.0, None) and not guard.check(3, 1.0, math.inf, None)
-    assert guard.check(4, 1.0, 1.0, None) and guard.total == 2 and guard.in_a_row == 0
-    guard.check(5, math.nan, math.nan, "ck/step4")
-    guard.check(6, math.nan, math.nan, "ck/step4")
-    with pytest.raises(TrainingError, match="3 non-finite steps in a row .* last good checkpoint: ck/step4"):
-        guard.check(7, math.inf, 1.0, "ck/step4")
+    assert guard.record(1.0, 1.0)
+    assert not guard.record(math.nan, 1.0) and not guard.record(1.0, math.inf)
+    assert guard.record(1.0, 1.0) and guard.since_save == 2 and guard.in_a_row == 0
+    guard.record(math.nan, math.nan)
+    guard.record(math.nan, math.nan)
+    assert not guard.exhausted
+    guard.record(math.inf, 1.0)
+    assert guard.exhausted and guard.since_save == 5
 
 
 def test_step_seeds_differ_by_step_micro_and_data_rank_only():

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mlfm_scale.cli import main
+from mlfm_scale.train.manager import components
+from mlfm_scale.train.reshard import current_universal
 from mlfm_scale.train.universal import KINDS, CheckpointReader
 from tests.distributed import run_distributed
 from tests.mlfm_scale.conftest import PIPELINE
@@ -97,6 +99,7 @@ def test_layout_free_form_carries_the_state_exactly(tp2_run, shards, tmp_path, c
     source = tmp_path / "step00000004"
     shutil.copytree(tp2_run / "checkpoints" / "step00000004", source)
     assert main(["reshard", str(source)]) == 0 and "universal" in capsys.readouterr().out
+    assert current_universal(source)
     saved = tmp_path / "resaved"
     overrides = [*BASE, f"data.root={shards}", "parallel.zero_stage=1"]
     run_distributed(load_and_probe, 2, overrides, str(source), probe_inputs(), str(saved))
@@ -108,11 +111,18 @@ def test_layout_free_form_carries_the_state_exactly(tp2_run, shards, tmp_path, c
         for name in old[kind]:
             assert torch.equal(old[kind][name], new[kind][name]), (kind, name)
     assert before.optimizer_step() == after.optimizer_step() == 4
-    a, b = before.client_state(), after.client_state()
-    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 4
-    assert a["loader"] == b["loader"] and a["state"] == b["state"] and b["global_steps"] == 4
+    schedules = before.client_state()["lr_scheduler"], after.client_state()["lr_scheduler"]
+    assert schedules[0]["last_epoch"] == schedules[1]["last_epoch"] == 4 and schedules[0] == schedules[1]
+    assert after.client_state()["global_steps"] == 4
+    a, b = components(before.client_state()), components(after.client_state())
+    assert a.keys() == b.keys() >= {"counters", "loader", "objective", "rng", "decision", "metrics"}
+    assert a["loader"] == b["loader"] and a["counters"] == b["counters"] and a["metrics"] == b["metrics"]
     assert a["decision"] is not None and a["decision"] == b["decision"]  # the latest decision profile
     curve_a, curve_b = a["objective"]["curve"], b["objective"]["curve"]  # statistics, knots (None: no fit yet)
     assert curve_a.keys() == curve_b.keys() and float(curve_a["counts"].sum()) > 0
     for key, value in curve_a.items():
         assert torch.equal(value, curve_b[key]) if torch.is_tensor(value) else value == curve_b[key], key
+    # a layout-free form is used only for the files it was written from: a re-saved source makes it stale
+    manifest = source / "checkpoint.json"
+    manifest.write_text(manifest.read_text().replace('"step": 4', '"step": 4, "resaved": true', 1))
+    assert not current_universal(source)

@@ -114,15 +114,23 @@ def test_tensor_parallel_layouts_match_tp1(dp2, shards, tmp_path):
         assert tp2[step] == pytest.approx(tp1[step], rel=1e-5, abs=1e-6), step
 
 
-def test_corrupted_checkpoint_is_refused(dp2, shards, tmp_path):
+def test_a_damaged_checkpoint_is_refused_by_name_and_auto_resume_falls_back(dp2, shards, tmp_path):
+    """latest's checkpoint truncated: named by tag it is refused; train.resume=auto warns, names the file and
+    resumes from the newest checkpoint that verifies."""
     out = tmp_path / "corrupt"
     shutil.copytree(dp2 / "checkpoints", out / "checkpoints")
     victim = out / "checkpoints" / "step00000008" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:-100])
-    result = train(out, shards, 2, "train.resume=auto", "train.steps=12", check=False)
+    result = train(out, shards, 2, f"train.resume={out / 'checkpoints' / 'step00000008'}", "train.steps=12",
+                   check=False)
     assert result.returncode != 0
-    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt has" in result.stdout + result.stderr
-    assert "truncated" in result.stdout + result.stderr
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt has" in result.stderr and "truncated" in result.stderr
+    result = train(out, shards, 2, "train.resume=auto", "train.steps=10")
+    assert f"WARNING: {out / 'checkpoints' / 'latest'}" in result.stderr and "truncated" in result.stderr
+    assert f"resuming from {out / 'checkpoints' / 'step00000004'}" in result.stderr
+    losses, _ = metrics(out)
+    assert sorted(losses) == list(range(5, 11))
+    assert (out / "checkpoints" / "latest").read_text() == "step00000010"
 
 
 def test_shards_that_do_not_fit_the_config_are_refused(shards, tmp_path):
