@@ -8,8 +8,9 @@ count. When every chunk is written the per-split indexes are merged in chunk ord
 is written last, listing every file the prep wrote.
 
 The prep writes into a hidden sibling ``.OUT.tmp-PID-*`` and moves its files into ``OUT`` only when it is
-complete: a prep that fails leaves ``OUT`` as it was (a killed one leaves that sibling behind). Replacing a
-previous prep (``--overwrite``) removes only the files its manifest lists; inputs and a tokenizer inside
+complete: a prep that fails while it writes leaves ``OUT`` as it was (a killed one leaves that sibling
+behind); one killed during the final swap leaves ``OUT`` without a manifest, which training refuses. Replacing
+a previous prep (``--overwrite``) removes only the files its manifest lists; inputs and a tokenizer inside
 ``OUT`` are refused.
 
     OUT/manifest.json  OUT/tokenizer/tokenizer.json  OUT/train/index.json  OUT/val/index.json  …

@@ -42,7 +42,9 @@ class Job:
         try:
             summary = self._run(restarts, env.global_rank, report)
         except BaseException as e:
-            report("FAILED", error=redact_text(f"{type(e).__name__}: {e}"))
+            current = status.read(env.paths.folder)  # the first failure is the cause; later ones (peers timing
+            if not (current and current["state"] == "FAILED" and current.get("restarts") == restarts):  # out) not
+                report("FAILED", error=redact_text(f"{type(e).__name__}: {e}"))
             raise
         if env.global_rank == 0 and not summary.get("preempted"):
             report("COMPLETED")

@@ -166,7 +166,7 @@ def export_latest(cfg: Config) -> dict:
     if int(os.environ.get("RANK", "0")):
         return {"exported_by": 0}
     ckpt_dir = cfg.path(cfg.checkpoint.dir)
-    found = resolve(str(ckpt_dir), ckpt_dir)
+    found = resolve(str(ckpt_dir))
     summary = export(found[0] / found[1], Path(cfg.out_dir) / "export", overwrite=True)
     print(f"exported {found[0] / found[1]} to {Path(cfg.out_dir) / 'export'}: {', '.join(summary['files'])}",
           flush=True)
@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlfm_scale.train.checkpoint import resolve
 
-    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint), what="CHECKPOINT")
+    ckpt_dir, tag = resolve(args.checkpoint, what="CHECKPOINT")
     summary = export(ckpt_dir / tag, Path(args.out_dir), args.weights, args.dtype, args.max_shard_mb << 20,
                      args.overwrite)
     print(f"exported {ckpt_dir / tag} ({summary['weights']} weights, {summary['parameters']} parameters, "

@@ -128,11 +128,19 @@ def register_shm_prefix(streams_local: list[str], streams_remote: list[str | Non
     from streaming.base.shared.prefix import _check_self, _unpack_locals
 
     _check_self(streams_local)
-    prefix, shm = claim_shm_prefix(streams_local) if world.is_local_leader else (None, None)
+    prefix, shm, problem = None, None, None
+    if world.is_local_leader:
+        try:
+            prefix, shm = claim_shm_prefix(streams_local)
+        except (OSError, RuntimeError) as e:  # told to every rank below, so none waits for a prefix
+            problem = f"{type(e).__name__}: {e}"
     if dist.is_available() and dist.is_initialized():
-        prefixes = [None] * dist.get_world_size(group)
-        dist.all_gather_object(prefixes, prefix, group=group)
-        prefix = prefixes[world.node * world.ranks_per_node]  # the node's first rank (streaming's node layout)
+        claims = [None] * dist.get_world_size(group)
+        dist.all_gather_object(claims, (prefix, problem), group=group)
+        problem = next((p for _, p in claims if p is not None), None)
+        prefix = claims[world.node * world.ranks_per_node][0]  # the node's first rank (streaming's node layout)
+    if problem is not None:
+        raise RuntimeError(f"registering the data's shared memory failed on a node: {problem}")
     if not world.is_local_leader:
         shm = SharedMemory(_get_path(prefix, LOCALS), False)
         if _unpack_locals(bytes(shm.buf)) != (streams_local, prefix):

@@ -49,8 +49,9 @@ def stop_with_parent() -> None:
 
 def collective_timeout() -> timedelta:
     """How long a collective waits for its peers before it fails: ``MLFM_COLLECTIVE_TIMEOUT_S`` seconds, by
-    default 10 minutes — longer than any step, checkpoint save or evaluation that one rank may spend while the
-    others wait."""
+    default 10 minutes — longer than a step, a save or an evaluation. Raise it where rank 0 works alone while the
+    others wait longer than that: verifying (hashing) very large checkpoints on resume, or writing a layout-free
+    form on a resume that changes layout."""
     raw = os.environ.get(TIMEOUT_ENV, "")
     try:
         seconds = float(raw) if raw else DEFAULT_TIMEOUT_S

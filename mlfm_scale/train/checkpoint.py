@@ -4,9 +4,10 @@
     CKPT_DIR/step00000100/checkpoint.json   every file with its size and sha256 (written last)
     CKPT_DIR/latest          the newest complete tag, replaced atomically after every rank finished
 
-A save writes into ``stepNNNNNNNN.tmp`` and renames it into place when complete, so a re-saved tag starts
-empty (nothing of an earlier save, such as its layout-free form, survives) and a killed save leaves the
-previous checkpoints as they were. Files and directories are fsynced before ``latest`` moves. A checkpoint
+A save writes into ``stepNNNNNNNN.tmp`` and renames it into place when complete (durable.py ``publish_dir``), so
+a re-saved tag starts empty (nothing of an earlier save, such as its layout-free form, survives) and a killed
+save leaves the published checkpoints as they were (:func:`recover` tidies what it left). Files and directories
+are fsynced before ``latest`` moves. A checkpoint
 without ``checkpoint.json``, or whose files differ from it, is refused on load with a message naming the
 file; ``latest`` never points at such a checkpoint. Retention keeps the newest ``keep_last`` and every
 ``keep_every``-th step.
@@ -15,22 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
-from mlfm_scale.durable import atomic_write_text, fsync_dir, fsync_file
+from mlfm_scale.durable import ASIDE, STAGING, atomic_write_text, fsync_tree, publish_dir, recover_dir
 from mlfm_scale.errors import UserError
 
 MANIFEST = "checkpoint.json"
 UNIVERSAL = "universal"  # a tag's layout-free form (train/reshard.py)
 LATEST = "latest"
 TAG = re.compile(r"^step(\d{8})$")
-STAGING = ".tmp"  # a save in progress: stepNNNNNNNN.tmp
-REPLACED = ".old"  # a re-saved tag's previous files, removed once the new ones are in place
+LEFTOVER = re.compile(rf"^(step\d{{8}})({re.escape(STAGING)}|{re.escape(ASIDE)})$")  # of a killed save
 
 
 class CheckpointError(UserError):
@@ -96,12 +95,15 @@ def manifest_sha256(tag_dir: Path) -> str:
 
 
 def describe(tag_dir: Path, names: list[str]) -> dict[str, dict]:
-    """{name: {bytes, sha256}} for ``names`` under ``tag_dir``, each fsynced first."""
-    described = {}
-    for n in names:
-        fsync_file(tag_dir / n)
-        described[n] = {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)}
-    return described
+    """{name: {bytes, sha256}} for ``names`` under ``tag_dir``."""
+    return {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)} for n in names}
+
+
+def recover(ckpt_dir: Path) -> list[str]:
+    """Tidy what killed saves left in ``ckpt_dir`` (a staged ``TAG.tmp``; a replaced ``TAG.old``, put back if
+    the tag itself is missing); one line per action."""
+    leftovers = {m[1] for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else []) if (m := LEFTOVER.match(p.name))}
+    return [line for tag in sorted(leftovers) for line in recover_dir(ckpt_dir / tag)]
 
 
 def _files(tag_dir: Path) -> list[str]:
@@ -137,12 +139,9 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         return None
 
 
-def resolve(resume: str, ckpt_dir: Path, what: str = "train.resume") -> tuple[Path, str] | None:
-    """(checkpoint directory, tag) for ``train.resume`` (or another argument, named ``what`` in errors): "auto" →
-    ``latest`` if any (else None); a tag directory path; or a checkpoint directory holding ``latest``."""
-    if resume == "auto":
-        tag = latest_tag(ckpt_dir)
-        return None if tag is None else (ckpt_dir, tag)
+def resolve(resume: str, what: str = "train.resume") -> tuple[Path, str]:
+    """(checkpoint directory, tag) for a checkpoint path given as ``train.resume`` (or another argument, named
+    ``what`` in errors): a tag directory, or a checkpoint directory holding ``latest``."""
     path = Path(resume)
     if TAG.match(path.name) and path.is_dir():
         return path.parent, path.name
@@ -154,33 +153,28 @@ def resolve(resume: str, ckpt_dir: Path, what: str = "train.resume") -> tuple[Pa
 
 
 def publish_latest(ckpt_dir: Path, tag: str) -> None:
-    """Point ``latest`` at ``tag`` (atomically, durably)."""
+    """Point ``latest`` at ``tag`` (atomically, durably; rank 0)."""
     atomic_write_text(ckpt_dir / LATEST, tag)
 
 
 def publish(ckpt_dir: Path, tag: str, info: dict, files: dict[str, dict], keep_last: int,
             keep_every: int | None) -> None:
-    """On rank 0, after every rank saved into ``tag.tmp``: write the manifest, fsync, move the staged tag into
-    place (replacing an earlier save of it), point ``latest`` at ``tag``, apply retention.
+    """On rank 0, after every rank saved into ``tag.tmp``: write the manifest, move the staged tag into place
+    (fsynced; replacing an earlier save of it), point ``latest`` at ``tag``, apply retention.
 
     Retention looks only at tags up to ``tag`` (a resumed run leaves an abandoned timeline's newer tags alone):
-    the newest ``keep_last`` complete ones and every ``keep_every``-th are kept; incomplete older ones go."""
-    staged, final, replaced = ckpt_dir / (tag + STAGING), ckpt_dir / tag, ckpt_dir / (tag + REPLACED)
-    write_manifest(staged, info, files)
-    for d in sorted({p.parent for p in staged.rglob("*")}, key=lambda d: -len(d.parts)):
-        fsync_dir(d)
-    if final.exists():
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(final, replaced)
-    os.replace(staged, final)
-    fsync_dir(ckpt_dir)
-    shutil.rmtree(replaced, ignore_errors=True)
+    the newest ``keep_last`` complete ones, every ``keep_every``-th, and the newest whose steps were all good (a
+    rollback's target) are kept; incomplete older ones go."""
+    write_manifest(ckpt_dir / (tag + STAGING), info, files)
+    publish_dir(ckpt_dir / tag)
     publish_latest(ckpt_dir, tag)
-    older = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name) and p.name <= tag)
+    older = [t for t in tags(ckpt_dir) if t <= tag]
     complete = [t for t in older if (ckpt_dir / t / MANIFEST).is_file()]
     keep = set(complete[-keep_last:]) | {tag}
     if keep_every:
         keep |= {t for t in complete if step_of(t) % keep_every == 0}
+    good = [t for t in complete if json.loads((ckpt_dir / t / MANIFEST).read_text()).get("good", True)]
+    keep |= set(good[-1:])
     for old in set(older) - keep:
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
@@ -194,19 +188,16 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict
     tag = tag_for(step)
     staged = ckpt_dir / (tag + STAGING)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:  # what a killed save of this tag left behind (ours by its name)
-        shutil.rmtree(staged, ignore_errors=True)
-    dist.barrier()
+    on_rank0(lambda: recover_dir(ckpt_dir / tag))  # what a killed save of this tag left behind (ours by its name)
     engine.save_checkpoint(str(ckpt_dir), tag=staged.name, client_state=client_state, save_latest=False)
     torch.save(rank_state, staged / f"rank{rank:05d}.pt")
+    fsync_tree(staged)  # by every rank: on a shared filesystem a file is flushed by the client that wrote it
     dist.barrier()
     names = _files(staged)
     described = [None] * world
     dist.all_gather_object(described, describe(staged, names[rank::world]))
-    if rank == 0:
-        files = {k: v for part in described for k, v in part.items()}
-        publish(ckpt_dir, tag, info, dict(sorted(files.items())), keep_last, keep_every)
-    dist.barrier()
+    files = {k: v for part in described for k, v in part.items()}
+    on_rank0(lambda: publish(ckpt_dir, tag, info, dict(sorted(files.items())), keep_last, keep_every))
     return tag
 
 
@@ -217,7 +208,7 @@ def on_rank0(fn) -> None:
     if dist.get_rank() == 0:
         try:
             fn()
-        except CheckpointError as e:
+        except UserError as e:  # CheckpointError among them: the message says it all
             problem = [str(e)]
         except Exception as e:  # noqa: BLE001 — every rank must learn of it
             problem = [f"{type(e).__name__}: {e}"]

@@ -49,7 +49,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 class LRSchedule:
     """``lr_factor`` as the LambdaLR's function. An object, not a closure, so the scheduler's state_dict holds its
-    settings: a resumed run keeps the horizon ``total`` it was trained with (``train.schedule_steps`` moves it)."""
+    settings: a resumed run keeps the horizon ``total`` it was trained with (``train.schedule_steps`` moves it;
+    the warmup and floor come from the config: :func:`set_schedule`)."""
 
     def __init__(self, warmup: int, total: int, min_ratio: float):
         self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
@@ -58,10 +59,10 @@ class LRSchedule:
         return lr_factor(step, self.warmup, self.total, self.min_ratio)
 
 
-def set_horizon(scheduler, total: int) -> None:
-    """Move the LR schedule's horizon to ``total`` steps, and the optimizer's current LR with it."""
+def set_schedule(scheduler, warmup: int, total: int, min_ratio: float) -> None:
+    """Set the LR schedule's settings (after a checkpoint restored its own), and the optimizer's current LR."""
     for fn in scheduler.lr_lambdas:
-        fn.total = total
+        fn.warmup, fn.total, fn.min_ratio = warmup, total, min_ratio
     for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -93,7 +93,7 @@ class CheckpointManager:
                 "original shards or start a new out_dir")
         saved = components(client)
         for name, component in self.shared.items():
-            if name not in keep and saved.get(name) is not None:
+            if name not in keep and name in saved:  # absent: a checkpoint from before the component existed
                 component.load_state_dict(saved[name])
         for name, component in self.per_rank.items():
             if name not in keep:
@@ -117,10 +117,14 @@ class CheckpointManager:
             return None
         ckpt_dir, tag = Path(found[0][0]), found[0][1]
         self.load(ckpt_dir, tag, verified=True)
+        if ckpt_dir.resolve() == self.ckpt_dir.resolve():  # an older tag of this run: a crash before the next
+            checkpoint.on_rank0(lambda: checkpoint.publish_latest(ckpt_dir, tag))  # save resumes it again
         return ckpt_dir, tag
 
     def _choose(self, resume: str | None) -> tuple[str, str] | None:
         """Rank 0: the (checkpoint directory, tag) to resume from, verified; None to start afresh."""
+        for line in checkpoint.recover(self.ckpt_dir):
+            print(f"WARNING: {line}", file=sys.stderr, flush=True)
         if resume in (None, "restart"):
             existing = checkpoint.tags(self.ckpt_dir)
             if existing and resume is None:
@@ -130,7 +134,7 @@ class CheckpointManager:
                     "(its checkpoints are then replaced as the new run saves)")
             return None
         if resume != "auto":
-            ckpt_dir, tag = checkpoint.resolve(resume, self.ckpt_dir)
+            ckpt_dir, tag = checkpoint.resolve(resume)
             checkpoint.verify(ckpt_dir / tag)
             return str(ckpt_dir), tag
         latest, problem = checkpoint.latest_tag(self.ckpt_dir), None

@@ -39,7 +39,8 @@ class MetricsLogger:
         """Continue from a checkpoint at ``state["step"]``: rows logged past it belong to a timeline that was
         abandoned (a kill, a rollback) and are dropped; wandb resumes the checkpoint's run."""
         self.step = state["step"]
-        self.wandb_id = state.get("wandb_id") or self.wandb_id
+        if self.cfg.log.wandb:  # (a run that turned wandb off does not start it again)
+            self.wandb_id = state.get("wandb_id") or self.wandb_id
         if not self.enabled:
             return
         self.file.close()

@@ -7,7 +7,8 @@ stores train/universal.py's per-parameter full tensors next to the checkpoint's 
     TAG/universal/state.pt      client state (config and every registered component: train/manager.py),
                                 AdamW's step, the LR schedule and DeepSpeed's step counters
     TAG/universal/checkpoint.json   sizes and sha256 of the above, and the hash of the source's manifest:
-                                a form whose source has changed since (a re-saved tag) is rebuilt, not used
+                                a form written from other files (a copy placed beside another save of the
+                                tag) is rebuilt, not used
 
 ``load_resharded(engine, tag_dir)`` (collective) splits each parameter for this rank of the current layout and
 writes the weights, the fp32 master copy and both AdamW moments into the freshly built DeepSpeed engine
@@ -175,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlfm_scale.train.checkpoint import resolve
 
-    ckpt_dir, tag = resolve(args.checkpoint, Path(args.checkpoint), what="CHECKPOINT")
+    ckpt_dir, tag = resolve(args.checkpoint, what="CHECKPOINT")
     out = write_universal(ckpt_dir / tag, Path(args.out) if args.out else None)
     print(f"wrote the layout-free form of {ckpt_dir / tag} to {out}; resume with any layout "
           f"(train.resume={ckpt_dir / tag})")

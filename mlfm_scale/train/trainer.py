@@ -101,20 +101,8 @@ class Trainer:
     def __init__(self, cfg: Config, stop: StopRequest | None = None):
         from megatron.core import parallel_state as ps
 
-        from mlfm_scale.data.loader import ReaderWorld, TrainData, data_fingerprint, load_manifest
-        from mlfm_scale.model.attention import resolve_backend
-        from mlfm_scale.model.flops import flops_per_token
-        from mlfm_scale.model.mlfm import MLFMModel, embedding_square_sums
         from mlfm_scale.parallel import pipeline
-        from mlfm_scale.parallel.mpu import MegatronMPU
         from mlfm_scale.parallel.state import init_distributed, init_model_parallel
-        from mlfm_scale.train.decision import DecisionMonitor
-        from mlfm_scale.train.ema import EMA
-        from mlfm_scale.train.engine import build_engine
-        from mlfm_scale.train.manager import CheckpointManager, RngState
-        from mlfm_scale.train.metrics import MetricsLogger
-        from mlfm_scale.train.objective import MLFMObjective
-        from mlfm_scale.train.steps import DataParallelSteps, ObjectiveStep, PipelineSteps
 
         self.cfg, self.stop = cfg, stop
         self.pipelined = cfg.parallel.pp > 1
@@ -131,7 +119,30 @@ class Trainer:
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.out_dir, self.ckpt_dir = Path(cfg.out_dir), cfg.path(cfg.checkpoint.dir)
         self.lock = self._take_run_lock()  # one writer per out_dir, before anything is written there
+        try:
+            self._build()
+        except BaseException:  # an in-process caller (a test, a launcher) may build another Trainer here
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
+    def _build(self) -> None:
+        """The data, model, engine, EMA, metrics and the checkpoint manager's registry."""
+        from mlfm_scale.data.loader import ReaderWorld, TrainData, data_fingerprint, load_manifest
+        from mlfm_scale.model.attention import resolve_backend
+        from mlfm_scale.model.flops import flops_per_token
+        from mlfm_scale.model.mlfm import MLFMModel, embedding_square_sums
+        from mlfm_scale.parallel import pipeline
+        from mlfm_scale.parallel.mpu import MegatronMPU
+        from mlfm_scale.train.decision import DecisionMonitor
+        from mlfm_scale.train.ema import EMA
+        from mlfm_scale.train.engine import build_engine
+        from mlfm_scale.train.manager import CheckpointManager, RngState
+        from mlfm_scale.train.metrics import MetricsLogger
+        from mlfm_scale.train.objective import MLFMObjective
+        from mlfm_scale.train.steps import DataParallelSteps, ObjectiveStep, PipelineSteps
+
+        cfg, device = self.cfg, self.device
         manifest = load_manifest(cfg)  # pretraining shards, or SFT shards (response masks → the SFT objective)
         self.data_hash = data_fingerprint(cfg)
         tok = manifest["tokenizer"]
@@ -233,22 +244,13 @@ class Trainer:
     def resume(self) -> None:
         """Restore the checkpoint ``train.resume`` names (train/manager.py), or start afresh."""
         from mlfm_scale.train import checkpoint
-        from mlfm_scale.train.engine import set_horizon
 
         loading = time.perf_counter()
         found = self.manager.resume(self.cfg.train.resume)
-        scheduler, wanted = self.engine.lr_scheduler, self.cfg.train.schedule_steps
         if found is None:  # rows of an earlier attempt here that saved no checkpoint belong to no timeline
             self.logger.load_state_dict({"step": 0})
             return
-        horizon = scheduler.lr_lambdas[0].total
-        if wanted is not None and wanted != horizon:
-            set_horizon(scheduler, wanted)
-            self._say(f"the LR schedule's horizon moves from {horizon} to {wanted} steps (train.schedule_steps)")
-            self.logger.log(self.counters.step, {"schedule_steps": wanted})
-        elif wanted is None and horizon != self.cfg.train.steps:
-            self._say(f"train.steps={self.cfg.train.steps}, but the LR schedule keeps the horizon it was trained "
-                      f"with, {horizon} steps; set train.schedule_steps={self.cfg.train.steps} to stretch it")
+        self._restored_schedule(announce=True)
         self.last_checkpoint = str(found[0] / found[1])
         resumed = {"resumed_from": self.counters.step, "resume_s": time.perf_counter() - loading,
                    "checkpoint_bytes": checkpoint.size(found[0] / found[1])}
@@ -314,9 +316,10 @@ class Trainer:
                 f"{self.guard.in_a_row} non-finite steps in a row at step {failed_at} after {rollbacks} rollback(s) "
                 f"(train.max_rollbacks={self.cfg.train.max_rollbacks}); {where}. Lower train.lr or check the data, "
                 "then resume from it.")
-        self.manager.load(self.ckpt_dir, tag, keep=("loader",))
-        if self.rank == 0:  # a restart after this must not resume from a checkpoint of the failed stretch
-            checkpoint.publish_latest(self.ckpt_dir, tag)
+        self.manager.load(self.ckpt_dir, tag, verified=True, keep=("loader",))
+        self._restored_schedule(announce=False)
+        # a restart after this must not resume from a checkpoint of the failed stretch
+        checkpoint.on_rank0(lambda: checkpoint.publish_latest(self.ckpt_dir, tag))
         self.counters.rollbacks = rollbacks + 1
         self.guard.in_a_row = self.guard.since_save = 0
         self.last_checkpoint = str(self.ckpt_dir / tag)
@@ -382,6 +385,7 @@ class Trainer:
                 "good": self.guard.since_save == 0, "bad_steps": self.guard.since_save,
                 "stages": pipeline.stage_boundaries(self.engine.module) if self.pipelined else None}
         saving = time.perf_counter()
+        self.logger.step = step  # the metrics position saved: rows up to this step survive a resume from it
         tag = self.manager.save(step, info)
         self.guard.since_save = 0
         self.last_checkpoint = str(self.ckpt_dir / tag)
@@ -397,6 +401,24 @@ class Trainer:
                          self.decision.profile, self._sampling_grid())
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _restored_schedule(self, announce: bool) -> None:
+        """After a checkpoint restored the LR schedule: the horizon stays the checkpoint's unless
+        ``train.schedule_steps`` moves it (logged); warmup and floor are the config's."""
+        from mlfm_scale.train.engine import set_schedule
+
+        t, scheduler = self.cfg.train, self.engine.lr_scheduler
+        horizon = scheduler.lr_lambdas[0].total
+        set_schedule(scheduler, t.warmup_steps, t.schedule_steps or horizon, t.min_lr_ratio)
+        if not announce:
+            return
+        if t.schedule_steps is not None and t.schedule_steps != horizon:
+            self._say(f"the LR schedule's horizon moves from {horizon} to {t.schedule_steps} steps "
+                      "(train.schedule_steps)")
+            self.logger.log(self.counters.step, {"schedule_steps": t.schedule_steps})
+        elif t.schedule_steps is None and horizon != t.steps:
+            self._say(f"train.steps={t.steps}, but the LR schedule keeps the horizon it was trained with, {horizon} "
+                      f"steps; set train.schedule_steps={t.steps} to stretch it")
+
     def _take_run_lock(self):
         """Rank 0 takes out_dir's run lock (train/run_lock.py); a refusal is raised on every rank."""
         from mlfm_scale.train import checkpoint

@@ -6,6 +6,7 @@ from mlfm_scale.train.checkpoint import (
     describe,
     newest_verified,
     publish,
+    recover,
     resolve,
     tag_for,
     verify,
@@ -29,9 +30,8 @@ def test_publish_verify_latest_and_retention(tmp_path):
     kept = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert kept == ["step00000010", "step00000020", "step00000025"]  # newest two, plus every 10th
     assert verify(tmp_path / "step00000025")["step"] == 25
-    assert resolve("auto", tmp_path) == (tmp_path, "step00000025")
-    assert resolve(str(tmp_path / "step00000010"), tmp_path) == (tmp_path, "step00000010")
-    assert resolve("auto", tmp_path / "none") is None
+    assert resolve(str(tmp_path)) == (tmp_path, "step00000025")
+    assert resolve(str(tmp_path / "step00000010")) == (tmp_path, "step00000010")
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -59,7 +59,7 @@ def test_retention_leaves_newer_timelines_and_drops_older_incomplete_tags(tmp_pa
 
 def test_resume_path_without_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint there"):
-        resolve(str(tmp_path), tmp_path)
+        resolve(str(tmp_path))
 
 
 def test_a_resaved_tag_starts_empty(tmp_path):
@@ -78,5 +78,26 @@ def test_an_unfinished_save_leaves_the_published_checkpoints_alone(tmp_path):
     staged = tmp_path / (tag_for(10) + STAGING)  # a save killed before rank 0 published it
     staged.mkdir()
     (staged / "weights.pt").write_bytes(b"partial")
-    assert resolve("auto", tmp_path) == (tmp_path, "step00000005") and verify(tmp_path / "step00000005")
+    assert resolve(str(tmp_path)) == (tmp_path, "step00000005") and verify(tmp_path / "step00000005")
     assert newest_verified(tmp_path) == "step00000005"
+
+
+def test_retention_keeps_the_newest_good_checkpoint_for_a_rollback(tmp_path):
+    make(tmp_path, 2)
+    for step in (4, 6, 8):  # saved during a run of non-finite steps
+        tag = tag_for(step)
+        (tmp_path / (tag + STAGING)).mkdir()
+        (tmp_path / (tag + STAGING) / "weights.pt").write_bytes(b"x")
+        publish(tmp_path, tag, {"step": step, "good": False}, describe(tmp_path / (tag + STAGING), ["weights.pt"]),
+                keep_last=2, keep_every=None)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step00000002", "step00000006",
+                                                                       "step00000008"]
+
+
+def test_recover_tidies_what_killed_saves_left(tmp_path):
+    make(tmp_path, 5)
+    (tmp_path / "step00000010.tmp").mkdir()  # killed while writing
+    (tmp_path / "step00000005").rename(tmp_path / "step00000005.old")  # killed between a re-save's renames
+    lines = recover(tmp_path)
+    assert len(lines) == 2 and verify(tmp_path / "step00000005")["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000005"]

@@ -157,3 +157,17 @@ def test_a_rank_killed_mid_step_or_mid_save_resumes_exactly(dp2_run, shards, tmp
     reference, _ = metrics(dp2_run)
     assert logged_steps(tmp_path) == sorted(set(logged_steps(tmp_path)))  # no step logged twice
     assert losses == reference  # CPU fp32: bitwise
+
+
+def test_a_second_writer_on_a_running_out_dir_is_refused(shards, tmp_path):
+    proc, tag = start(tmp_path, shards, "train.steps=100000")
+    try:
+        wait_for(lambda: logged_steps(tmp_path), poll=0.1)
+        second = train(tmp_path, shards, 1, "train.resume=auto", check=False)
+        assert second.returncode != 0
+        assert f"{tmp_path} is in use by another run" in second.stderr and "UserError" not in second.stderr
+        assert proc.poll() is None  # the first run trains on
+    finally:
+        proc.kill()  # its ranks die with it (parallel/lifeline.py)
+        proc.communicate()
+    wait_for(lambda: rank_pid(tag, 0) is None and rank_pid(tag, 1) is None, timeout=60, poll=0.5)
