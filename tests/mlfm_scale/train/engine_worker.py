@@ -22,6 +22,7 @@ def load_and_probe(overrides: list[str], tag_dir: str, probe: tuple, save_to: st
     from mlfm_scale.train import checkpoint
     from mlfm_scale.train.ema import EMA
     from mlfm_scale.train.engine import build_engine
+    from mlfm_scale.train.manager import components
     from mlfm_scale.train.objective import MLFMObjective
     from mlfm_scale.train.steps import ObjectiveStep
 
@@ -48,7 +49,7 @@ def load_and_probe(overrides: list[str], tag_dir: str, probe: tuple, save_to: st
         with ema.swapped():
             out["ema"] = logits()
     if save_to is not None:
-        step = client["state"]["step"]
+        step = components(client)["counters"]["step"]
         info = {"step": step, "world_size": dist.get_world_size(), "tp": cfg.parallel.tp, "pp": 1,
                 "dp": ps.get_data_parallel_world_size(), "zero_stage": cfg.parallel.zero_stage,
                 "manifest_sha256": client["manifest_sha256"]}
