@@ -86,7 +86,8 @@ def test_the_lr_schedule_keeps_its_horizon_across_a_resume_unless_told(shards, t
     """Trained with train.steps=4, resumed with train.steps=6: the schedule's horizon stays 4 (the LR stays at
     its floor) unless train.schedule_steps moves it, which is logged. wandb (offline) continues the same run."""
     first = tmp_path / "first"
-    common = ("train.warmup_steps=2", f"train.lr={LR}", "checkpoint.every=4", "log.wandb=true")
+    common = ("train.warmup_steps=2", f"train.lr={LR}", "checkpoint.every=4", "log.wandb=true",
+              'launch.setup=["export WANDB_API_KEY=sekrit123"]')
     train(first, shards, 1, "train.steps=4", *common)
     kept, moved = tmp_path / "kept", tmp_path / "moved"
     for out, extra in ((kept, ()), (moved, ("train.schedule_steps=6",))):
@@ -98,6 +99,9 @@ def test_the_lr_schedule_keeps_its_horizon_across_a_resume_unless_told(shards, t
     assert "horizon moves from 4 to 6 steps" in result.stderr and {"step": 4, "schedule_steps": 6} in rows(moved)
     runs = {p.name.rsplit("-", 1)[-1] for p in (moved / "wandb").glob("offline-run-*")}
     assert len(runs) == 1  # one wandb run id across the resume
+    stored = [f for f in (moved / "checkpoints").rglob("*") if f.is_file()]  # the config copies are redacted
+    assert stored and not any(b"sekrit123" in f.read_bytes() for f in stored)
+    assert any(b"export WANDB_API_KEY=<redacted>" in f.read_bytes() for f in stored)
 
 
 def start(out, shards, *overrides):
