@@ -41,8 +41,12 @@ MODELS = {  # name → (training steps, overrides of the training run over SHAPE
     # retraining levers (trained only when asked for: --networks or --samplers naming them)
     "mlfm-6000": (2 * TRAIN_STEPS, []),
     "mlfm-sigma0.5": (TRAIN_STEPS, ["objective.sigma=0.5"]),
+    # the curve's settings: blend fits 10× faster, and give the active component more of the law
+    "mlfm-curve": (TRAIN_STEPS, ["objective.active.rate=0.02", "objective.mixture_weights=[0.05,0.05,0.9]"]),
+    # width: twice as wide (head dim kept), the same steps and global batch
+    "mlfm-wide": (TRAIN_STEPS, ["model.hidden_size=256", "model.ffn_hidden_size=704", "model.num_heads=8"]),
 }
-LEVERS = ("mlfm-6000", "mlfm-sigma0.5")
+LEVERS = ("mlfm-6000", "mlfm-sigma0.5", "mlfm-curve", "mlfm-wide")
 # name → (label, network, sampler settings over the export's generation defaults)
 SAMPLERS = {
     "mlfm": ("MLFM sampler (defaults)", "mlfm", {}),
@@ -54,6 +58,11 @@ SAMPLERS = {
     "mlfm-6000": ("MLFM defaults, 6000 training steps (lever)", "mlfm-6000", {}),
     "mdm-of-mlfm-6000": ("MDM decoding, 6000-step MLFM network (lever)", "mlfm-6000", {"method": "mdm"}),
     "mlfm-sigma0.5": ("MLFM defaults, σ = 0.5 (lever)", "mlfm-sigma0.5", {}),
+    "mdm-of-mlfm-sigma0.5": ("MDM decoding, σ = 0.5 network (lever)", "mlfm-sigma0.5", {"method": "mdm"}),
+    "mlfm-curve": ("MLFM defaults, faster curve (lever)", "mlfm-curve", {}),
+    "mdm-of-mlfm-curve": ("MDM decoding, faster-curve network (lever)", "mlfm-curve", {"method": "mdm"}),
+    "mlfm-wide": ("MLFM defaults, d = 256 (lever)", "mlfm-wide", {}),
+    "mdm-of-mlfm-wide": ("MDM decoding, d = 256 network (lever)", "mlfm-wide", {"method": "mdm"}),
 }
 DEFAULT_SAMPLERS = [s for s in SAMPLERS if SAMPLERS[s][1] not in LEVERS]
 sys.path.insert(0, str(REPO))

@@ -64,7 +64,7 @@ init_model_parallel(cfg.parallel.model_copy(update={{"tp": 1}}), 0)
 vocab = cfg.data.prep.vocab_size
 model = MLFMModel(cfg.model, vocab, seed=0)
 objective = MLFMObjective(cfg.objective, 2, (0, 1))
-opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
+opt = torch.optim.AdamW(param_groups(model, cfg), lr=1e-4)
 g = torch.Generator().manual_seed(0)
 b, s = {batch}, cfg.data.seq_len
 times = []

@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("out", help="output .jsonl file")
     synth.add_argument("--documents", type=int, default=2000)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--sft", action="store_true", help='prompt/response pairs: "Story of NAME." → the story')
 
     corpus = sub.add_parser("corpus", help="tokenise, pack and write streaming (MDS) shards",
                             description="INPUT files or directories (JSONL, text, Parquet, SFT JSONL) → "
@@ -37,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "synth":
         from data_prep.synth import write_synth_jsonl
 
-        size = write_synth_jsonl(args.out, args.documents, args.seed)
-        print(f"wrote {args.documents} documents ({size / 1e6:.2f} MB) to {args.out}")
+        size = write_synth_jsonl(args.out, args.documents, args.seed, sft=args.sft)
+        what = "prompt/response pairs" if args.sft else "documents"
+        print(f"wrote {args.documents} {what} ({size / 1e6:.2f} MB) to {args.out}")
         return 0
 
     from data_prep.shards import prepare_shards

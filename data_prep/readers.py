@@ -124,7 +124,10 @@ class _Reader:
         if sft:
             prompt = self.field(obj, self.opts.prompt_field, where, "--prompt-field")
             response = self.field(obj, self.opts.response_field, where, "--response-field")
-            return (prompt, response) if prompt is not None and response is not None and self.keep(response) else None
+            if prompt is None or response is None or not self.keep(response):
+                return None
+            template = self.opts.chat_template
+            return (prompt if template is None else template.replace("{prompt}", prompt)), response
         text = self.field(obj, self.opts.text_field, where, "--text-field")
         return text if text is not None and self.keep(text) else None
 

@@ -64,13 +64,21 @@ def synth_documents(count: int, seed: int = 0, start: int = 0) -> Iterator[str]:
         yield synth_document(i, seed)
 
 
-def write_synth_jsonl(path: str | Path, count: int, seed: int = 0, text_field: str = "text") -> int:
-    """Write ``count`` documents as JSONL (one ``{text_field: ...}`` per line); returns bytes written."""
+def synth_example(document: str) -> dict[str, str]:
+    """A document as an SFT prompt/response pair: "Story of NAME." asks for the story that follows."""
+    prompt, _, response = document.partition(". ")
+    return {"prompt": prompt + ".", "response": response}
+
+
+def write_synth_jsonl(path: str | Path, count: int, seed: int = 0, text_field: str = "text",
+                      sft: bool = False) -> int:
+    """Write ``count`` documents as JSONL (one ``{text_field: ...}`` per line, or with ``sft`` one
+    ``{"prompt", "response"}`` pair); returns bytes written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for doc in synth_documents(count, seed):
-            f.write(json.dumps({text_field: doc}) + "\n")
+            f.write(json.dumps(synth_example(doc) if sft else {text_field: doc}) + "\n")
     return path.stat().st_size
 
 

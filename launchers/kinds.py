@@ -44,6 +44,9 @@ def get(name: str) -> JobKind:
 
 register(JobKind("pretrain", "mlfm_scale.train.loop:train", "pretrain an MLFM (what `mlfm train` runs)",
                  preemptible=True))
+register(JobKind("sft", "mlfm_scale.train.loop:sft",
+                 "the SFT stage: prompt/response shards, from train.init_from's weights (stage: sft)",
+                 preemptible=True))
 register(JobKind("export", "mlfm_scale.export:export_latest",
                  "consolidate the run's latest checkpoint into out_dir/export (what `mlfm export` writes)",
                  single_task=True))

@@ -20,6 +20,7 @@ from mlfm_scale.errors import UserError, record_error
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "corpus → tokenised, packed streaming shards; the synthetic demo corpus"),
     "train": ("mlfm_scale.train.loop", "pretrain an MLFM from shards (megatron TP × DeepSpeed ZeRO, or × pipeline)"),
+    "convert": ("mlfm_scale.convert.cli", "SMDM, LLaDA or the reference's MLFM weights → a checkpoint to train from"),
     "export": ("mlfm_scale.export", "consolidate a sharded checkpoint into one model for inference (safetensors)"),
     "reshard": ("mlfm_scale.train.reshard", "write a checkpoint's layout-free form (resume on another layout)"),
     "demo": ("mlfm_scale.demo", "the main job on the embedded default (no downloads)"),

@@ -41,6 +41,8 @@ class PrepSection(Section):
         "sft = prompt/response JSONL")
     text_field: str = Field("text", description="JSONL field / Parquet column holding the document")
     prompt_field: str = Field("prompt", description="SFT prompt field")
+    chat_template: str | None = Field(None, description="SFT: the prompt as the model sees it, with {prompt} "
+                                      "replaced (the reference's: 'USER:\\n{prompt}\\nASSISTANT:\\n')")
     response_field: str = Field("response", description="SFT response field")
     doc_per: Literal["file", "paragraph", "line"] = Field(
         "file", description="how a plain-text file splits into documents")
@@ -70,6 +72,9 @@ class SourceSection(Section):
 class DataSection(Section):
     root: str = "data"  # prepared shards (relative paths are under ``out_dir``); the default single source
     sources: list[SourceSection] = []  # a mixture of prepared directories; empty → [root]
+    # how sources mix: rows of every source in each micro-batch, or each micro-batch from one source (chosen by
+    # the weights; the reference's SFT mixes so)
+    mix: Literal["within", "per_micro_batch"] = "within"
     cache: str | None = None  # streaming's node-local copy of the shards (default: under the system temp dir)
     seq_len: int = Field(128, ge=8)
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank
@@ -79,16 +84,36 @@ class DataSection(Section):
 
 
 # ---------------------------------------------------------------------------------------------- model
+class LoRASection(Section):
+    """LoRA adapters on the frozen base linears (MLFM.md, Model: MDM → MLFM conversion); rank 0 → none.
+    y = W x + (alpha / rank)·B A dropout(x), B zero-initialised so an adapted model starts as its base."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(512.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[Literal["qkv", "proj", "fc1", "fc2"]] = ["qkv", "proj", "fc1", "fc2"]
+    output_rank: int = Field(0, ge=0)  # the untied output head's delta (MLFM.md: rank 256, α 256); 0 → none
+    output_alpha: float = Field(256.0, gt=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or self.output_rank > 0
+
+
 class ModelSection(Section):
     """A LLaMA-style bidirectional transformer with AdaLN time conditioning (MLFM.md, Model)."""
 
     num_layers: int = Field(2, ge=1)
     hidden_size: int = Field(64, ge=8)
     num_heads: int = Field(4, ge=1)
+    num_query_groups: int | None = Field(None, ge=1)  # grouped-query attention: key/value heads (None → num_heads)
     ffn_hidden_size: int = Field(176, ge=8)  # SwiGLU inner width
     vocab_size: int | None = None  # None → taken from the data manifest (incl. the mask token)
     time_embed_dim: int = Field(256, ge=2, multiple_of=2)  # sinusoidal width of the γ embedding (cos | sin)
     time_hidden_size: int = Field(512, ge=1)  # width of the γ-embedding MLP
+    # shared: one γ MLP feeds every layer's modulation; per_layer: each layer has its own (the reference's
+    # DiT-style adapters, `time_mlp` in every block)
+    time_mlp: Literal["shared", "per_layer"] = "shared"
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     freeze_embeddings: bool = True  # MLFM.md: the input table E is frozen (σ is an absolute scale in its space)
@@ -98,6 +123,7 @@ class ModelSection(Section):
     attention: Literal["auto", "flash", "sdpa"] = "auto"
     attend_within_documents: bool = False  # restrict attention to each packed document
     recompute: bool = False  # activation recompute per layer
+    lora: LoRASection = LoRASection()
 
     @property
     def initial_embedding_std(self) -> float:
@@ -106,10 +132,17 @@ class ModelSection(Section):
             return (2.0 / (5.0 * self.hidden_size)) ** 0.5
         return self.embedding_std
 
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: ``num_query_groups``, or one per head."""
+        return self.num_query_groups or self.num_heads
+
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSection:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.query_groups:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_query_groups {self.query_groups}")
         if self.embedding_std != "litgpt" and not self.embedding_std > 0:
             raise ValueError(f"embedding_std must be positive or 'litgpt', got {self.embedding_std}")
         return self
@@ -164,6 +197,14 @@ class ObjectiveSection(Section):
         return self
 
 
+class SFTSection(Section):
+    """The SFT stage (``stage: sft``, prompt/response shards; MLFM.md, Loss): only response positions are
+    corrupted, and the loss is LLaDA-normalised over the response."""
+
+    full_response_prob: float = Field(0.5, ge=0.0, le=1.0)  # rows whose whole response is corrupted (p = 1)
+    crop_multiple: int = Field(64, ge=1)  # each micro-batch is cut after its longest row, rounded up to this
+
+
 # ------------------------------------------------------------------------------------------- parallel
 class ParallelSection(Section):
     """Process layout: world = tp × pp × dp. ZeRO-3 needs pp = 1 (DeepSpeed's pipeline engine asserts).
@@ -207,6 +248,15 @@ class TrainSection(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     dtype: Literal["fp32", "bf16"] = "fp32"
     trainable: list[str] = []  # regexes of trainable parameter names (frozen base + adapters); empty → all
+    # learning rates by parameter group (None → lr): LoRA adapters, AdaLN (modulation and γ MLPs), the base
+    # network. With model.lora on, the base is frozen unless base_lr is set.
+    lora_lr: float | None = Field(None, gt=0.0)
+    adaln_lr: float | None = Field(None, gt=0.0)
+    base_lr: float | None = Field(None, gt=0.0)
+    # a new run starting from these weights (a checkpoint dir or tag, e.g. `mlfm convert`'s output; any layout)
+    # with fresh optimizer, schedule, data and γ-curve state; init_weights picks the trained or the EMA weights
+    init_from: str | None = None
+    init_weights: Literal["param", "ema"] = "param"
     # None: a new run (refused over existing checkpoints); "auto": latest in out_dir (or, if it is damaged, the
     # newest checkpoint that verifies); "restart": a new run over existing checkpoints; or a checkpoint dir / tag
     resume: str | None = None
@@ -378,9 +428,11 @@ class Config(Section):
     name: str = "mlfm"
     out_dir: str = "runs/mlfm"
     seed: int = 0
+    stage: Literal["pretrain", "sft"] = "pretrain"  # must match the data: pretraining or prompt/response shards
     data: DataSection = DataSection()
     model: ModelSection = ModelSection()
     objective: ObjectiveSection = ObjectiveSection()
+    sft: SFTSection = SFTSection()
     parallel: ParallelSection = ParallelSection()
     train: TrainSection = TrainSection()
     checkpoint: CheckpointSection = CheckpointSection()

@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mlfm_scale.config import Config, ConfigError, explain
+from mlfm_scale.config import Config, ConfigError, LoRASection, explain
 from mlfm_scale.durable import publish_dir, recover_dir, staging
 from mlfm_scale.errors import UserError
 from mlfm_scale.inference.model import (
+    ADAPTER_CONFIG,
+    ADAPTERS,
     CONFIG,
     DTYPES,
     GENERATION_CONFIG,
@@ -39,14 +41,28 @@ from mlfm_scale.inference.model import (
     WEIGHTS_INDEX,
     curve_to_json,
 )
+from mlfm_scale.model.common import merge_adapters
 
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-VOCAB_ROWS = ("embedding.weight", "output_layer.weight")  # [V_pad, d] in training, [V, d] exported
+VOCAB_ROWS = ("embedding.weight", "output_layer.weight", "output_layer.lora.b")  # V_pad rows in training, V exported
 
 
 def export_tensors(full: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
     """Canonical full tensors (train/universal.py) → the export's: vocabulary padding rows removed."""
     return {n: t[:vocab_size].clone() if n in VOCAB_ROWS else t for n, t in full.items()}
+
+
+def merged(full: dict[str, torch.Tensor], lora: LoRASection) -> dict[str, torch.Tensor]:
+    """``full`` with its LoRA adapters folded into their base weights (model/common.py ``merge_adapters``)."""
+    merge_adapters(full, full, lora)
+    return full
+
+
+def trained_tensors(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a LoRA run trains (adapters, AdaLN and the γ MLPs): the adapter file written beside a base."""
+    from mlfm_scale.train.engine import role
+
+    return {n: t for n, t in full.items() if role(n) != "base"}
 
 
 def export_config(cfg: Config, tokenizer: dict, client: dict, table: torch.Tensor, source: Path, weights: str,
@@ -56,7 +72,7 @@ def export_config(cfg: Config, tokenizer: dict, client: dict, table: torch.Tenso
     from mlfm_scale.train.manager import components
 
     state = components(client)
-    curve = state["objective"]["curve"]
+    curve = state.get("objective", {}).get("curve")  # none in a converted checkpoint
     return {"architecture": "MLFM", "model": cfg.model.model_dump(mode="json"),
             "objective": cfg.objective.model_dump(mode="json"),
             "gamma_curve": None if curve is None else curve_to_json(curve),
@@ -105,13 +121,18 @@ def tokenizer_of(cfg: Config, manifest_hash: str) -> tuple[dict, Path]:
 
 
 def _written_by_export(name: str) -> bool:
-    return name in (WEIGHTS, WEIGHTS_INDEX, CONFIG, GENERATION_CONFIG, TOKENIZER) or bool(SHARD.fullmatch(name))
+    return (name in (WEIGHTS, WEIGHTS_INDEX, CONFIG, GENERATION_CONFIG, TOKENIZER, ADAPTERS, ADAPTER_CONFIG)
+            or bool(SHARD.fullmatch(name)))
 
 
 def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: str = "fp32",
-           max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> dict:
-    """Consolidate ``checkpoint`` (a tag directory) into ``out_dir``; returns a summary with the peak RSS."""
-    from mlfm_scale.train.universal import CheckpointReader
+           max_shard_bytes: int = 2 << 30, overwrite: bool = False, adapters_only: bool = False) -> dict:
+    """Consolidate ``checkpoint`` (a tag directory) into ``out_dir``; returns a summary with the peak RSS.
+    LoRA adapters are merged into their base weights, or with ``adapters_only`` written alone (what the run
+    trained: adapters and AdaLN) for ``MLFMForInference.from_pretrained(BASE, adapters=OUT_DIR)``."""
+    from safetensors.torch import save_file
+
+    from mlfm_scale.train.universal import open_checkpoint
 
     started = time.perf_counter()
     out_dir = out_dir.absolute()  # its staging sibling needs a name (OUT_DIR may be ".")
@@ -123,28 +144,44 @@ def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: s
         if foreign := sorted(p.name for p in out_dir.iterdir() if not _written_by_export(p.name)):
             raise UserError(f"{out_dir} holds files an export does not write ({', '.join(foreign[:5])}), and "
                             "--overwrite replaces the whole directory: move them, or choose another OUT_DIR")
-    reader = CheckpointReader(checkpoint)
+    reader = open_checkpoint(checkpoint)
     client = reader.client_state()
     try:
         cfg = Config.model_validate(client["config"])
     except ValidationError as e:
         raise ConfigError(f"{checkpoint}: its stored config does not fit this version's schema ({explain(e)}); "
                           "export it with the mlfm-scale version that trained it") from None
+    if client["manifest_sha256"] is None:
+        raise UserError(f"{checkpoint} was converted without prepared data, so it has no tokenizer to export: "
+                        "prepare a corpus with the model's tokenizer (mlfm prep corpus ... --tokenizer) and run "
+                        "`mlfm convert` again with data.root pointing at it")
     tokenizer, tokenizer_file = tokenizer_of(cfg, client["manifest_sha256"])
+    adapted = cfg.model.lora.enabled
+    if adapters_only and not adapted:
+        raise UserError(f"{checkpoint} has no LoRA adapters (model.lora.rank=0): export the whole model")
     weights = weights or ("ema" if reader.has_ema() else "raw")
     if weights == "ema" and not reader.has_ema():
         raise UserError(f"{checkpoint} holds no EMA weights: export with --weights raw")
     kind = "ema" if weights == "ema" else "param"
     full = reader.read([kind])[kind]
     vocab_size = cfg.model.vocab_size or tokenizer["vocab_size"]
-    tensors = export_tensors(full, vocab_size)
-    config = export_config(cfg, tokenizer, client, tensors["embedding.weight"], checkpoint, weights, dtype)
-    del full
+    table = full["embedding.weight"][:vocab_size]
+    tensors = export_tensors(trained_tensors(full) if adapters_only else merged(full, cfg.model.lora), vocab_size)
+    config = export_config(cfg, tokenizer, client, table, checkpoint, weights, dtype)
+    if adapted and not adapters_only:  # a plain model: the adapters are in the weights
+        config["merged_lora"] = config["model"]["lora"]
+        config["model"]["lora"] = LoRASection().model_dump(mode="json")
+    del full, table
     staged = staging(out_dir)
     staged.mkdir(parents=True)
     try:
-        files = write_safetensors(tensors, staged, DTYPES[dtype], max_shard_bytes)
-        (staged / CONFIG).write_text(json.dumps(config, indent=1))
+        if adapters_only:
+            save_file({n: t.to(DTYPES[dtype]).contiguous() for n, t in tensors.items()}, staged / ADAPTERS)
+            (staged / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
+            files = [ADAPTERS, ADAPTER_CONFIG]
+        else:
+            files = write_safetensors(tensors, staged, DTYPES[dtype], max_shard_bytes)
+            (staged / CONFIG).write_text(json.dumps(config, indent=1))
         (staged / GENERATION_CONFIG).write_text(json.dumps(cfg.sample.model_dump(mode="json"), indent=1))
         shutil.copyfile(tokenizer_file, staged / TOKENIZER)
     except BaseException:
@@ -183,6 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the written weights")
     parser.add_argument("--max-shard-mb", type=int, default=2048, help="split model.safetensors above this size")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    lora_mode = parser.add_mutually_exclusive_group()
+    lora_mode.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights: a plain "
+                           "model (the default for a checkpoint with adapters)")
+    lora_mode.add_argument("--adapters-only", action="store_true", help="write only what a LoRA run trained "
+                           "(adapters, AdaLN) as adapters.safetensors, loaded onto a base export with "
+                           "MLFMForInference.from_pretrained(BASE, adapters=OUT_DIR)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt_dir, tag = resolve(args.checkpoint, what="CHECKPOINT")
     summary = export(ckpt_dir / tag, Path(args.out_dir), args.weights, args.dtype, args.max_shard_mb << 20,
-                     args.overwrite)
+                     args.overwrite, args.adapters_only)
     print(f"exported {ckpt_dir / tag} ({summary['weights']} weights, {summary['parameters']} parameters, "
           f"{summary['model_bytes'] / 2**20:.1f} MiB {args.dtype}) to {args.out_dir} in {summary['seconds']:.1f} s: "
           f"{', '.join(summary['files'])}; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")

@@ -2,11 +2,14 @@
 
     python ops/gpu_check.py [--steps 30]
 
-1. flash-attn varlen vs torch SDPA in bf16 on packed documents (our CoreAttention through both backends);
-2. `mlfm train` on the tiny preset with NCCL, bf16 and flash attention for a few steps, then resume (the decision
-   diagnostic of a bf16 network fed float32 z is reported);
+1. flash-attn varlen vs torch SDPA in bf16 on packed documents (our CoreAttention through both backends); without
+   flash-attn installed, SDPA in bf16 on the GPU against float32 on the CPU;
+2. `mlfm train` on the tiny preset with NCCL, bf16 and flash attention (when installed) for a few steps, then
+   resume (the decision diagnostic of a bf16 network fed float32 z is reported);
 3. `mlfm export` of that run, the inference model in bf16 on the GPU against fp32 on the CPU (logits), and
    `mlfm sample` on the GPU;
+4. LoRA in bf16: a run started from that checkpoint (`train.init_from`) with adapters, its base weights unchanged,
+   exported with the adapters merged;
 prints one JSON line per check and exits non-zero on the first failure.
 """
 from __future__ import annotations
@@ -19,32 +22,47 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+DEVICE = "cuda"
 sys.path.insert(0, str(REPO))
 
 
+def flash_installed() -> bool:
+    from mlfm_scale.model.attention import flash_attn_varlen_func
+
+    return flash_attn_varlen_func is not None
+
+
 def check_attention() -> dict:
+    """Packed documents: flash varlen against SDPA (both bf16 on the GPU), or without flash-attn SDPA in bf16 on
+    the GPU against float32 on the CPU."""
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mlfm_scale.model.attention import AttentionSegments, CoreAttention
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=128, num_attention_heads=4, use_cpu_initialization=True)
-    seg = torch.tensor([[0] * 100 + [1] * 60 + [2] * 96, [0] * 256], device="cuda")
-    q, k, v = (torch.randn(256, 2, 4, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    outs = {}
-    for backend in ("flash", "sdpa"):
+    cfg = TransformerConfig(num_layers=1, hidden_size=128, num_attention_heads=4, use_cpu_initialization=True,
+                            attention_dropout=0.0)  # as the model sets it (its default, 0.1, would draw masks)
+    seg = torch.tensor([[0] * 100 + [1] * 60 + [2] * 96, [0] * 256])
+    q, k, v = (torch.randn(256, 2, 4, 32) for _ in range(3))
+    runs = [("flash", "cuda", torch.bfloat16), ("sdpa", "cuda", torch.bfloat16)] if flash_installed() else \
+        [("sdpa", "cuda", torch.bfloat16), ("sdpa", "cpu", torch.float32)]
+    outs = []
+    for backend, device, dtype in runs:
         attn = CoreAttention(cfg, 1, None, "self", backend=backend)
-        segments = AttentionSegments.from_segment_ids(seg, backend)
-        outs[backend] = attn(q, k, v, segments.mask, packed_seq_params=segments.packed).float()
-    err = (outs["flash"] - outs["sdpa"]).abs().max().item()
-    assert err < 2e-2, f"flash vs sdpa max error {err}"
-    return {"check": "attention", "max_abs_error": err}
+        segments = AttentionSegments.from_segment_ids(seg.to(device), backend)
+        args = (t.to(device, dtype) for t in (q, k, v))
+        outs.append(attn(*args, segments.mask, packed_seq_params=segments.packed).float().cpu())
+    err = (outs[0] - outs[1]).abs().max().item()
+    assert err < 2e-2, f"{runs[0]} vs {runs[1]} max error {err}"
+    return {"check": "attention", "compared": [f"{b} {d} {str(t)[6:]}" for b, d, t in runs], "max_abs_error": err,
+            "flash_attn_installed": flash_installed()}
 
 
 def check_train(steps: int, tmp: str) -> dict:
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
             "mlfm_scale.cli", "train", "configs/tiny.yaml", f"out_dir={tmp}", "train.dtype=bf16",
-            "model.attention=flash", "log.every=5", "train.eval_every=10", "checkpoint.every=10"]
+            f"model.attention={'flash' if flash_installed() else 'auto'}", "log.every=5", "train.eval_every=10",
+            "checkpoint.every=10"]
     subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "prep", "synth", f"{tmp}/c.jsonl",
                     "--documents", "3000"], check=True, cwd=REPO)
     subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "prep", "corpus", f"{tmp}/c.jsonl", "--out",
@@ -88,6 +106,38 @@ def check_export_and_sample(tmp: str) -> dict:
             "sample_seconds": rows[0]["seconds"]}
 
 
+def check_lora(tmp: str) -> dict:
+    """Adapters in bf16 under NCCL from the first run's checkpoint: the base stays bitwise, the merge exports."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mlfm_scale.inference import MLFMForInference
+
+    lora = ["model.lora.rank=8", "model.lora.alpha=16", "model.lora.output_rank=8", "model.lora.output_alpha=8"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                    "mlfm_scale.cli", "train", "configs/tiny.yaml", f"out_dir={tmp}/lora", "train.dtype=bf16",
+                    f"data.root={tmp}/data", f"train.init_from={tmp}/checkpoints", "train.steps=10",
+                    "checkpoint.every=10", "log.every=5", "train.eval_every=10", *lora], check=True, cwd=REPO)
+    for run in (tmp, f"{tmp}/lora"):
+        subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "reshard", f"{run}/checkpoints"], check=True, cwd=REPO)
+    latest = Path(tmp, "checkpoints", "latest").read_text().strip()
+    start = load_file(Path(tmp, "checkpoints", latest, "universal", "param.safetensors"))
+    after = load_file(Path(tmp, "lora", "checkpoints", "step00000010", "universal", "param.safetensors"))
+    # a bf16 run holds its frozen weights in bf16 (only trained ones have fp32 master copies)
+    moved = [n for n, t in start.items() if not torch.equal(after[n], t.to(torch.bfloat16).float())
+             and "modulation" not in n and "gamma_embedding" not in n]
+    assert not moved, f"frozen base weights moved: {moved[:3]}"
+    trained = [n for n in after if n.endswith("lora.b") and after[n].abs().sum() > 0]
+    subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "export", f"{tmp}/lora/checkpoints", f"{tmp}/lora-export",
+                    "--merge-lora"], check=True, cwd=REPO)
+    gpu = MLFMForInference.from_pretrained(f"{tmp}/lora-export", device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randint(0, gpu.vocab_size, (2, 128), device=DEVICE)
+    logits = gpu(gpu.embed(ids), torch.tensor([-3.0, 1.0], device=DEVICE))
+    assert torch.isfinite(logits).all()
+    return {"check": "lora_bf16_init_from", "adapters_trained": len(trained), "tensors_compared": len(start),
+            "merged_export_logits_finite": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
@@ -99,6 +149,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(check_train(args.steps, tmp)), flush=True)
         print(json.dumps(check_export_and_sample(tmp)), flush=True)
+        print(json.dumps(check_lora(tmp)), flush=True)
 
 
 if __name__ == "__main__":

@@ -263,7 +263,9 @@ class TrainData:
             self.dataset = StreamingDataset(streams=streams, batch_size=cfg.train.micro_batch_size,
                                             shuffle=cfg.data.shuffle if shuffle is None else shuffle,
                                             shuffle_seed=cfg.seed, replication=cfg.parallel.tp
-                                            if cfg.parallel.tp > 1 else None, num_canonical_nodes=1)
+                                            if cfg.parallel.tp > 1 else None, num_canonical_nodes=1,
+                                            batching_method="per_stream" if cfg.data.mix == "per_micro_batch"
+                                            else "random")
         within = cfg.model.attend_within_documents
         self.loader = StreamingDataLoader(self.dataset, batch_size=cfg.train.micro_batch_size,
                                           num_workers=cfg.data.num_workers, drop_last=True,

@@ -21,11 +21,19 @@ from mlfm_scale.config import ModelSection, ObjectiveSection, explain
 from mlfm_scale.errors import UserError
 from mlfm_scale.flow.decision import DecisionWindow, window_of
 from mlfm_scale.flow.schedules import GammaSchedule, active_curve_for, gamma_schedule_for
-from mlfm_scale.model.common import GammaEmbedding, rope_frequencies, segment_starts_and_positions
+from mlfm_scale.model.common import (
+    GammaEmbedding,
+    GammaFeatures,
+    merge_adapters,
+    rope_frequencies,
+    segment_starts_and_positions,
+    time_mlp,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIG, GENERATION_CONFIG, TOKENIZER = "config.json", "generation_config.json", "tokenizer.json"
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+ADAPTERS, ADAPTER_CONFIG = "adapters.safetensors", "adapter_config.json"  # `mlfm export --adapters-only`
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -35,21 +43,25 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention; qkv rows grouped per head as [q_h; k_h; v_h] (megatron's order)."""
+    """Bidirectional (grouped-query) attention; qkv rows grouped per query group as [q heads of the group; k; v]
+    (megatron's order; one group per head without GQA)."""
 
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, groups: int):
         super().__init__()
-        self.heads = heads
-        self.linear_qkv = nn.Linear(d, 3 * d, bias=False)
+        self.heads, self.groups, self.head_dim = heads, groups, d // heads
+        self.linear_qkv = nn.Linear(d, (heads + 2 * groups) * self.head_dim, bias=False)
         self.linear_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
         """x [b, s, d], freqs [b, s, 1, head_dim], blocked Bool[b, 1, s, s] (True = may not attend) → [b, s, d]."""
         b, s, d = x.shape
-        q, k, v = self.linear_qkv(x).view(b, s, self.heads, 3 * (d // self.heads)).chunk(3, dim=-1)
-        q, k = rotate(q, freqs), rotate(k, freqs)
+        per_group, hd = self.heads // self.groups, self.head_dim
+        q, k, v = self.linear_qkv(x).view(b, s, self.groups, (per_group + 2) * hd).split(
+            [per_group * hd, hd, hd], dim=-1)
+        q, k = rotate(q.reshape(b, s, self.heads, hd), freqs), rotate(k, freqs)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=None if blocked is None else ~blocked)
+                                             attn_mask=None if blocked is None else ~blocked,
+                                             enable_gqa=self.groups != self.heads)
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, d))
 
 
@@ -72,13 +84,17 @@ class AdaLNLayer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.input_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.self_attention = SelfAttention(d, cfg.num_heads)
+        self.self_attention = SelfAttention(d, cfg.num_heads, cfg.query_groups)
         self.pre_mlp_layernorm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.mlp = SwiGLU(d, cfg.ffn_hidden_size)
         self.modulation = nn.Linear(cfg.time_hidden_size, 6 * d)
+        if cfg.time_mlp == "per_layer":
+            self.time_mlp = time_mlp(cfg.time_embed_dim, cfg.time_hidden_size)
 
     def forward(self, x, cond, freqs, blocked):
-        """x [b, s, d], cond [b, hidden_c] → [b, s, d]."""
+        """x [b, s, d], cond [b, hidden_c] (per_layer: the sinusoidal features) → [b, s, d]."""
+        if hasattr(self, "time_mlp"):
+            cond = self.time_mlp(cond)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(cond)).unsqueeze(1).chunk(6, dim=-1)
         x = x + (1 + gate1) * self.self_attention(self.input_layernorm(x) * (1 + scale1) + shift1, freqs, blocked)
         return x + (1 + gate2) * self.mlp(self.pre_mlp_layernorm(x) * (1 + scale2) + shift2)
@@ -98,7 +114,8 @@ class MLFMForInference(nn.Module):
         self.mask_id, self.eos_id, self.pad_id = config["mask_id"], config["eos_id"], config["pad_id"]
         c = self.model_cfg
         self.embedding = nn.Embedding(self.vocab_size, c.hidden_size)
-        self.gamma_embedding = GammaEmbedding(c.time_embed_dim, c.time_hidden_size)
+        self.gamma_embedding = (GammaFeatures(c.time_embed_dim) if c.time_mlp == "per_layer"
+                                else GammaEmbedding(c.time_embed_dim, c.time_hidden_size))
         self.layers = nn.ModuleList(AdaLNLayer(c) for _ in range(c.num_layers))
         self.final_norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
         self.output_layer = nn.Linear(c.hidden_size, self.vocab_size, bias=False)
@@ -107,8 +124,10 @@ class MLFMForInference(nn.Module):
     # ------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, export_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> MLFMForInference:
-        """Load an export directory onto ``device``, in ``dtype`` (None: the exported dtype)."""
+                        dtype: torch.dtype | None = None, adapters: str | Path | None = None) -> MLFMForInference:
+        """Load an export directory onto ``device``, in ``dtype`` (None: the exported dtype); ``adapters``: an
+        ``mlfm export --adapters-only`` directory applied on top (its LoRA merged into the weights, its AdaLN
+        and γ MLPs, γ curve and decision window taking the base's place)."""
         export_dir = Path(export_dir)
         if not (export_dir / CONFIG).is_file():
             raise UserError(f"{export_dir} has no {CONFIG}: not an `mlfm export` directory")
@@ -120,7 +139,12 @@ class MLFMForInference(nn.Module):
             what = explain(e) if isinstance(e, ValidationError) else f"{type(e).__name__}: {e}"
             raise UserError(f"{export_dir / CONFIG} is not a config this version reads ({what}); re-export the "
                             "checkpoint with this version of `mlfm export`") from None
-        model.load_state_dict(read_weights(export_dir), strict=True, assign=True)
+        weights = read_weights(export_dir)
+        if adapters is not None:
+            config = apply_adapters(config, weights, Path(adapters))
+            with torch.device("meta"):
+                model = cls(config, export_dir)
+        model.load_state_dict(weights, strict=True, assign=True)
         generation = export_dir / GENERATION_CONFIG
         model.generation_config = json.loads(generation.read_text()) if generation.is_file() else {}
         return model.to(device=device, dtype=dtype or DTYPES[config["dtype"]]).eval()
@@ -151,7 +175,7 @@ class MLFMForInference(nn.Module):
         single = bool((segment_ids == segment_ids[:, :1]).all())
         blocked = None if single else segment_ids[:, None, :, None] != segment_ids[:, None, None, :]
         dtype = self.embedding.weight.dtype
-        cond = self.gamma_embedding(gamma.to(z.device))
+        cond = self.gamma_embedding(gamma.to(z.device)).to(dtype)
         x = z.to(dtype)
         for layer in self.layers:
             x = layer(x, cond, freqs, blocked)
@@ -193,13 +217,32 @@ def curve_from_json(state: dict) -> dict:
             for k, v in state.items()}
 
 
-def read_weights(export_dir: Path) -> dict[str, torch.Tensor]:
-    """The export's tensors: ``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
+def apply_adapters(config: dict, weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict:
+    """Merge ``adapter_dir``'s LoRA into ``weights`` and replace the tensors it trained (in place); returns the
+    config of the adapted model."""
+    from mlfm_scale.config import LoRASection
+
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{adapter_dir} has no {ADAPTER_CONFIG}: not an `mlfm export --adapters-only` directory")
+    adapted = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    if adapted["vocab_size"] != config["vocab_size"] or adapted["mask_id"] != config["mask_id"]:
+        raise UserError(f"the adapters in {adapter_dir} were trained with another vocabulary than this base")
+    tensors = read_weights(adapter_dir, ADAPTERS)
+    merge_adapters(weights, tensors, LoRASection.model_validate(adapted["model"]["lora"]))
+    weights.update({n: t.to(weights[n].dtype) if n in weights else t for n, t in tensors.items()})
+    model = dict(adapted["model"], lora=LoRASection().model_dump(mode="json"))
+    return {**config, "model": model, "merged_lora": adapted["model"]["lora"], "adapters": str(adapter_dir),
+            **{k: adapted[k] for k in ("objective", "gamma_curve", "decision", "sigma")}}
+
+
+def read_weights(export_dir: Path, single: str = WEIGHTS) -> dict[str, torch.Tensor]:
+    """The export's tensors: ``single`` (``model.safetensors``), or the shards named by
+    ``model.safetensors.index.json``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = export_dir / WEIGHTS_INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single]
     tensors = {}
     for name in files:
         path = export_dir / name

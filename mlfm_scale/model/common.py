@@ -16,17 +16,33 @@ def sinusoidal_embedding(gamma: torch.Tensor, width: int, max_period: float = 10
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def time_mlp(width: int, hidden: int, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """[b, width] sinusoidal features → [b, hidden]: Linear → SiLU → Linear."""
+    return nn.Sequential(nn.Linear(width, hidden, dtype=dtype), nn.SiLU(), nn.Linear(hidden, hidden, dtype=dtype))
+
+
 class GammaEmbedding(nn.Module):
-    """γ [b] → c [b, hidden]: sinusoidal(width) → Linear → SiLU → Linear. Replicated on every TP rank."""
+    """γ [b] → c [b, hidden]: sinusoidal(width) → ``time_mlp``. Replicated on every TP rank."""
 
     def __init__(self, width: int, hidden: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.width = width
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, dtype=dtype), nn.SiLU(),
-                                 nn.Linear(hidden, hidden, dtype=dtype))
+        self.mlp = time_mlp(width, hidden, dtype)
 
     def forward(self, gamma: torch.Tensor) -> torch.Tensor:
         return self.mlp(sinusoidal_embedding(gamma, self.width).to(self.mlp[0].weight.dtype))
+
+
+class GammaFeatures(nn.Module):
+    """γ [b] → sinusoidal(width) [b, width] in ``dtype``: the conditioning when each layer has its own time MLP
+    (``model.time_mlp=per_layer``). No parameters."""
+
+    def __init__(self, width: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.width, self.dtype = width, dtype
+
+    def forward(self, gamma: torch.Tensor) -> torch.Tensor:
+        return sinusoidal_embedding(gamma, self.width).to(self.dtype)
 
 
 def rope_frequencies(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
@@ -45,3 +61,16 @@ def segment_starts_and_positions(segment_ids: torch.Tensor) -> tuple[torch.Tenso
     new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     start = torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
     return new, idx - start
+
+
+def merge_adapters(weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], lora) -> None:
+    """Fold LoRA adapters (``X.lora.a`` [r, in], ``X.lora.b`` [out, r], popped from ``adapters``; fc1's side by
+    side: [2, r, in] and [2, out/2, r]) into the full base weights ``X.weight`` [out, in] of ``weights``:
+    W + (α/r)·B A in float32, stored in W's dtype. ``lora``: the ``model.lora`` settings (the output head has its
+    own rank and α)."""
+    for name in [n for n in adapters if n.endswith(".lora.a")]:
+        base = name.removesuffix(".lora.a")
+        rank, alpha = (lora.output_rank, lora.output_alpha) if base == "output_layer" else (lora.rank, lora.alpha)
+        w, a, b = weights[f"{base}.weight"], adapters.pop(name), adapters.pop(f"{base}.lora.b")
+        delta = (b.float() @ a.float()).flatten(0, -2)  # parts stacked along the rows
+        weights[f"{base}.weight"] = (w.float() + (alpha / rank) * delta).to(w.dtype)

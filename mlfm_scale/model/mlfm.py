@@ -24,9 +24,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mlfm_scale.config import ModelSection
 from mlfm_scale.errors import UserError
+from mlfm_scale.model import lora
 from mlfm_scale.model.adaln import AdaLNTransformerLayer
 from mlfm_scale.model.attention import AttentionSegments, CoreAttention
-from mlfm_scale.model.common import GammaEmbedding, rope_frequencies
+from mlfm_scale.model.common import GammaEmbedding, GammaFeatures, rope_frequencies
 from mlfm_scale.model.init import seeded
 from mlfm_scale.model.vocab_parallel import VocabOutputs, vocab_parallel_outputs
 
@@ -45,13 +46,15 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 def transformer_config(cfg: ModelSection, tp: int, dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """Megatron config for one pipeline stage: CPU initialisation (the full weight drawn from the torch RNG,
     then sliced, so every TP size starts from the same weights), fusions off, no sequence parallelism."""
-    if cfg.num_heads % tp:
-        raise UserError(f"model.num_heads={cfg.num_heads} is not divisible by parallel.tp={tp}")
+    if cfg.num_heads % tp or cfg.query_groups % tp:
+        raise UserError(f"model.num_heads={cfg.num_heads} and its {cfg.query_groups} query groups must both be "
+                        f"divisible by parallel.tp={tp}")
     if cfg.ffn_hidden_size % tp:
         raise UserError(f"model.ffn_hidden_size={cfg.ffn_hidden_size} is not divisible by parallel.tp={tp}")
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+        num_query_groups=cfg.query_groups, ffn_hidden_size=cfg.ffn_hidden_size, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
         normalization="RMSNorm", layernorm_epsilon=cfg.norm_eps, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -68,7 +71,7 @@ def layer_spec(cfg: ModelSection, backend: str, seed: int = 0) -> ModuleSpec:
     attn.params = dict(attn.params, attn_mask_type=AttnMaskType.no_mask)
     attn.submodules.core_attention = ModuleSpec(module=CoreAttention, params={"backend": backend})
     spec.module = AdaLNTransformerLayer
-    spec.params = {"cond_size": cfg.time_hidden_size, "recompute": cfg.recompute, "init_seed": seed}
+    spec.params = {"model": cfg, "init_seed": seed}
     return spec
 
 
@@ -102,7 +105,11 @@ def build_embedding(cfg: ModelSection, config: TransformerConfig, padded_vocab: 
     return embedding
 
 
-def build_gamma_embedding(cfg: ModelSection, dtype: torch.dtype, seed: int) -> GammaEmbedding:
+def build_gamma_embedding(cfg: ModelSection, dtype: torch.dtype, seed: int) -> GammaEmbedding | GammaFeatures:
+    """γ [b] → the layers' conditioning: the shared γ MLP's output, or (``time_mlp=per_layer``) the sinusoidal
+    features each layer's own MLP reads."""
+    if cfg.time_mlp == "per_layer":
+        return GammaFeatures(cfg.time_embed_dim, dtype)
     with seeded(seed, "gamma_embedding"):
         return GammaEmbedding(cfg.time_embed_dim, cfg.time_hidden_size, dtype)
 
@@ -114,10 +121,13 @@ def build_final_norm(config: TransformerConfig) -> torch.nn.Module:
 
 def build_output_layer(cfg: ModelSection, config: TransformerConfig, padded_vocab: int, seed: int
                        ) -> tensor_parallel.ColumnParallelLinear:
-    """The vocab-parallel output projection d → V_pad/tp (no gather)."""
+    """The vocab-parallel output projection d → V_pad/tp (no gather), with its LoRA delta when asked for."""
     with seeded(seed, "output_layer"):
-        return tensor_parallel.ColumnParallelLinear(cfg.hidden_size, padded_vocab, config=config,
-                                                    init_method=config.init_method, bias=False, gather_output=False)
+        layer = tensor_parallel.ColumnParallelLinear(cfg.hidden_size, padded_vocab, config=config,
+                                                     init_method=config.init_method, bias=False, gather_output=False)
+    if cfg.lora.output_rank:
+        lora.attach_to_output(layer, cfg.lora, cfg.hidden_size, padded_vocab, seed)
+    return layer
 
 
 def embedding_square_sums(module: torch.nn.Module, vocab_size: int) -> torch.Tensor:

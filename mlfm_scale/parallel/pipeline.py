@@ -185,7 +185,7 @@ def build_pipeline(cfg: Config, vocab_size: int, dtype: torch.dtype, backend: st
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dist.get_world_size() // (tp * pp))
     module = PipelineModule(layers=stage_specs(cfg, vocab_size, dtype, backend, objective, sft), topology=topology,
                             partition_method=PARTITION_METHODS[cfg.parallel.partition],
-                            dynamic_shape=cfg.objective.crop_probability > 0)
+                            dynamic_shape=cfg.objective.crop_probability > 0 or cfg.stage == "sft")
     grid = module._grid
     mine = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
     theirs = (grid.get_slice_parallel_rank(), grid.get_stage_id(), grid.get_data_parallel_id())

@@ -25,6 +25,12 @@ class EMA:
         self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params}
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average at the current weights (after they were loaded)."""
+        for n, p in self.params:
+            self.shadow[n].copy_(_local(p).detach().float())
+
+    @torch.no_grad()
     def update(self) -> None:
         for n, p in self.params:
             self.shadow[n].lerp_(_local(p).detach().float(), 1.0 - self.decay)

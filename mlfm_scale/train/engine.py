@@ -13,30 +13,49 @@ from torch import nn
 
 from mlfm_scale.config import Config
 from mlfm_scale.errors import UserError
+from mlfm_scale.model.lora import is_adapter
 
-NO_DECAY = re.compile(r"(norm|modulation)")  # norms and AdaLN scale/shift/gate; biases by their shape
+ADALN = re.compile(r"(modulation|gamma_embedding|time_mlp)")  # the AdaLN scale/shift/gate and the γ MLPs
+NO_DECAY = re.compile(r"norm")  # and biases (by their shape), and AdaLN
 
 
-def apply_trainable(model: nn.Module, patterns: list[str]) -> None:
-    """Freeze every parameter whose name matches none of ``patterns`` (all train when empty)."""
-    if not patterns:
+def role(name: str) -> str:
+    """A parameter's group: ``lora`` (adapters), ``adaln`` (modulation and γ MLPs) or ``base``."""
+    return "lora" if is_adapter(name) else "adaln" if ADALN.search(name) else "base"
+
+
+def apply_trainable(model: nn.Module, cfg: Config) -> None:
+    """Which parameters train: those matching ``train.trainable`` (regexes) when set; otherwise, with LoRA on,
+    the adapters and AdaLN (the base too when ``train.base_lr`` is set); otherwise all but what the model froze
+    (the input embeddings)."""
+    patterns, adapted = cfg.train.trainable, cfg.model.lora.enabled
+    if not patterns and not adapted:
         return
     regexes = [re.compile(p) for p in patterns]
     matched = 0
     for name, p in model.named_parameters():
-        p.requires_grad_(any(r.search(name) for r in regexes))
+        if patterns:
+            p.requires_grad_(any(r.search(name) for r in regexes))
+        elif role(name) == "base" and cfg.train.base_lr is None:
+            p.requires_grad_(False)
         matched += p.requires_grad
     if not matched:
         raise UserError(f"train.trainable {patterns} matches no parameter name")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases, norms and AdaLN modulation."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups by role (``train.lora_lr``, ``adaln_lr``, ``base_lr``; unset → ``train.lr``), each split into
+    decayed matrices and undecayed biases, norms and AdaLN; empty groups left out."""
+    t = cfg.train
+    lrs = {"lora": t.lora_lr or t.lr, "adaln": t.adaln_lr or t.lr, "base": t.base_lr or t.lr}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or NO_DECAY.search(name) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            r = role(name)
+            decay = p.ndim >= 2 and r != "adaln" and not NO_DECAY.search(name)
+            groups.setdefault((r, decay), []).append(p)
+    return [{"params": params, "lr": lrs[r], "weight_decay": t.weight_decay if decay else 0.0, "role": r}
+            for (r, decay), params in sorted(groups.items())]
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -97,8 +116,8 @@ def build_engine(cfg: Config, model: nn.Module, mpu, device: torch.device):
     ``PipelineModule`` (its grid is the mpu)."""
     import deepspeed
 
-    apply_trainable(model, cfg.train.trainable)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+    apply_trainable(model, cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
                                   betas=cfg.train.adam_betas, fused=device.type == "cuda")
     t = cfg.train
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mlfm_scale.config import Config, load_config
-from mlfm_scale.errors import ERROR_FILE
+from mlfm_scale.errors import ERROR_FILE, UserError
 from mlfm_scale.parallel.lifeline import stop_with_parent
 from mlfm_scale.train.preemption import StopRequest
 
@@ -27,6 +27,14 @@ def train(cfg: Config, stop: StopRequest | None = None) -> dict:
     from mlfm_scale.train.trainer import Trainer
 
     return Trainer(cfg, stop).run()
+
+
+def sft(cfg: Config, stop: StopRequest | None = None) -> dict:
+    """The SFT stage (``mlfm launch sft``): :func:`train` on a config with ``stage: sft``."""
+    if cfg.stage != "sft":
+        raise UserError(f"`mlfm launch sft` runs the SFT stage, but the config has stage={cfg.stage}: set stage=sft "
+                        "(see configs/tiny-sft.yaml), or launch pretrain")
+    return train(cfg, stop)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -52,6 +52,19 @@ class RngState:
         random.setstate(state["python"])
 
 
+class Record:
+    """A dict kept in every checkpoint (e.g. where a run's initial weights came from)."""
+
+    def __init__(self):
+        self.value: dict = {}
+
+    def state_dict(self) -> dict:
+        return dict(self.value)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = dict(state)
+
+
 class CheckpointManager:
     """Saves and restores every registered component with the engine's weights and optimizer state.
 
@@ -120,6 +133,27 @@ class CheckpointManager:
         if ckpt_dir.resolve() == self.ckpt_dir.resolve():  # an older tag of this run: a crash before the next
             checkpoint.on_rank0(lambda: checkpoint.publish_latest(ckpt_dir, tag))  # save resumes it again
         return ckpt_dir, tag
+
+    def initialise(self, source: str, kind: str) -> dict:
+        """Collective: a new run's weights from the checkpoint ``source`` (a tag, or a directory with ``latest``;
+        any layout, or ``mlfm convert``'s output), its ``param`` or ``ema`` weights; everything else starts
+        fresh. Returns the record of where they came from (``origin``), and the source's client state."""
+        from mlfm_scale.train.reshard import load_weights
+
+        found = [None]
+
+        def choose() -> None:
+            ckpt_dir, tag = checkpoint.resolve(source, what="train.init_from")
+            checkpoint.verify(ckpt_dir / tag)
+            found[0] = str(ckpt_dir / tag)
+
+        checkpoint.on_rank0(choose)
+        dist.broadcast_object_list(found, src=0)
+        tag_dir = Path(found[0])
+        client, fresh = load_weights(self.engine, tag_dir, kind)
+        origin = {"init_from": str(tag_dir.absolute()), "manifest_sha256": checkpoint.manifest_sha256(tag_dir),
+                  "weights": kind, "fresh": fresh}
+        return {"origin": origin, "client": client}
 
     def _choose(self, resume: str | None) -> tuple[str, str] | None:
         """Rank 0: the (checkpoint directory, tag) to resume from, verified; None to start afresh."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mlfm_scale.config import ObjectiveSection
+from mlfm_scale.config import ObjectiveSection, SFTSection
 from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.flow.bridge import bridge_forward, sample_corrupted
 from mlfm_scale.flow.objective import embedding_mse, masked_loss, sft_loss
@@ -51,10 +51,13 @@ class Corruption(Draw):
 
 class MLFMObjective:
     """MLFM.md's forward process and velocity objective (CE through the clean-data parameterisation, plus
-    λ·‖x̂0 − e‖²), with the adaptive γ curve when the schedule uses it."""
+    λ·‖x̂0 − e‖²), with the adaptive γ curve when the schedule uses it. ``special_ids``: (EOS, others…), never
+    corrupted; ``sft``: the SFT stage's settings (used on prompt/response batches)."""
 
-    def __init__(self, cfg: ObjectiveSection, mask_id: int, special_ids: tuple[int, ...]):
-        self.cfg, self.mask_id = cfg, mask_id
+    def __init__(self, cfg: ObjectiveSection, mask_id: int, special_ids: tuple[int, ...],
+                 sft: SFTSection | None = None):
+        self.cfg, self.mask_id, self.sft = cfg, mask_id, sft or SFTSection()
+        self.eos_id = special_ids[0]
         self.special_ids = torch.tensor(sorted(set(special_ids) | {mask_id}))
         self.curve = active_curve_for(cfg)
         self._schedule = gamma_schedule_for(cfg, self.curve)
@@ -117,9 +120,9 @@ class MLFMObjective:
         valid = self.valid_positions(batch)
         p = mask_ratio(self._uniforms(b, generator), c.mask_ratio, c.mask_ratio_min, c.mask_ratio_max,
                        c.mask_ratio_power).float().to(device)
-        if batch.response is not None:  # SFT: only the response, and half the rows wholly
+        if batch.response is not None:  # SFT: only the response, and some rows wholly
             valid = batch.response & (torch.arange(batch.tokens.size(1), device=device)[None] < batch.lengths[:, None])
-            whole = torch.rand(b, generator=generator, device=generator.device) < 0.5
+            whole = torch.rand(b, generator=generator, device=generator.device) < self.sft.full_response_prob
             p = torch.where(whole.to(device), torch.ones_like(p), p)
         if self._probe is not None:
             gamma = torch.full((b,), self._probe, device=device)
@@ -170,8 +173,15 @@ class MLFMObjective:
 
     def crop(self, batch: MicroBatch, generator: torch.Generator) -> MicroBatch:
         """Pretraining keeps a random prefix of the micro-batch with probability ``crop_probability`` (the
-        first draws of a micro-batch's generator; no draw when cropping is off or for SFT)."""
-        if batch.response is None and self.cfg.crop_probability > 0 and self._probe is None:
+        first draws of a micro-batch's generator; no draw when cropping is off or for SFT). SFT cuts the EOS
+        padding after the longest row (its content and first EOS), rounded up to ``sft.crop_multiple``."""
+        if batch.response is not None:
+            s = batch.tokens.size(1)
+            positions = torch.arange(s, device=batch.tokens.device)
+            content = torch.where(batch.tokens != self.eos_id, positions + 2, 0).max()  # through the first EOS
+            m = self.sft.crop_multiple
+            return batch.prefix(min(s, -(-int(content) // m) * m))
+        if self.cfg.crop_probability > 0 and self._probe is None:
             draw = torch.rand(2, generator=generator, device=generator.device)
             if draw[0] < self.cfg.crop_probability:
                 return batch.prefix(1 + int(draw[1] * batch.tokens.size(1)))

@@ -48,6 +48,8 @@ def write_universal(tag_dir: Path, out: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = out or tag_dir / UNIVERSAL
+    if out == tag_dir / UNIVERSAL and current_universal(tag_dir):  # e.g. `mlfm convert`'s output: nothing to do
+        return out
     reader = CheckpointReader(tag_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
@@ -110,59 +112,103 @@ def _init_adamw_state(engine, step: int) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
+class _Universal:
+    """Rank-local reads of ``tag_dir/universal`` (rank 0 writes it first unless a current one is there): each
+    parameter split for this rank of the current layout."""
+
+    def __init__(self, engine, tag_dir: Path):
+        from megatron.core import parallel_state as ps
+        from safetensors import safe_open
+
+        universal = tag_dir / UNIVERSAL
+
+        def prepare() -> None:
+            if not current_universal(tag_dir):
+                write_universal(tag_dir, universal)
+
+        on_rank0(prepare)
+        self.tag_dir, self.saved = tag_dir, load_file(universal / STATE)
+        self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.dp_rank, self.zero3 = ps.get_data_parallel_rank(), engine.zero_optimization_stage() == 3
+        self.files = {k: safe_open(universal / f"{k}.safetensors", "pt") for k in KINDS
+                      if (universal / f"{k}.safetensors").is_file()}
+        self.device = next(engine.module.parameters()).device
+
+    def has(self, kind: str, name: str) -> bool:
+        return kind in self.files and canonical_name(name) in self.files[kind].keys()
+
+    def local(self, kind: str, name: str) -> torch.Tensor:
+        c = canonical_name(name)
+        if not self.has(kind, name):
+            raise CheckpointError(f"{self.tag_dir}: no {kind} for parameter {c} (trained with another model or "
+                                  "train.trainable?)")
+        return split_tp(self.files[kind].get_tensor(c), tp_partition(c), self.tp, self.tp_rank).to(self.device)
+
+    def held(self, p: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
+        """A TP-local tensor the way ``p`` holds it (its ZeRO-3 partition, or the whole)."""
+        return _zero3_partition(tensor, p.ds_tensor.numel(), self.dp_rank) if self.zero3 else tensor.view_as(p)
+
+    def set_weights(self, p: torch.nn.Parameter, weights: torch.Tensor) -> None:
+        """The module's weights and, for a trained parameter, the optimizer's fp32 master copy."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        (p.ds_tensor if self.zero3 else p.data).copy_(self.held(p, weights))
+        if p.requires_grad:
+            safe_set_full_fp32_param(p, weights)
+
+
 @torch.no_grad()
 def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
     """Collective: load ``tag_dir`` (any layout) into ``engine`` (this layout); returns (client state, this rank's
     own state ``{"ema": ...}``). Rank 0 writes ``tag_dir/universal`` first unless a current one is there."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from megatron.core import parallel_state as ps
-    from safetensors import safe_open
+    from deepspeed.utils import safe_set_full_optimizer_state
 
-    universal = tag_dir / UNIVERSAL
-
-    def prepare() -> None:
-        if not current_universal(tag_dir):
-            write_universal(tag_dir, universal)
-
-    on_rank0(prepare)
-    saved = load_file(universal / STATE)
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    dp_rank = ps.get_data_parallel_rank()
-    zero3 = engine.zero_optimization_stage() == 3
-    files = {k: safe_open(universal / f"{k}.safetensors", "pt") for k in KINDS
-             if (universal / f"{k}.safetensors").is_file()}
-    device = next(engine.module.parameters()).device
-
-    def local(kind: str, name: str) -> torch.Tensor:
-        c = canonical_name(name)
-        if c not in files[kind].keys():
-            raise CheckpointError(f"{tag_dir}: no {kind} for parameter {c} (trained with another model or "
-                                  "train.trainable?)")
-        return split_tp(files[kind].get_tensor(c), tp_partition(c), tp, tp_rank).to(device)
-
-    _init_adamw_state(engine, saved["optimizer_step"])
+    src = _Universal(engine, tag_dir)
+    _init_adamw_state(engine, src.saved["optimizer_step"])
     ema = {}
     for name, p in engine.module.named_parameters():
-        weights = local("param", name)
-        if zero3:
-            p.ds_tensor.copy_(_zero3_partition(weights, p.ds_tensor.numel(), dp_rank))
-        else:
-            p.data.copy_(weights.view_as(p))
+        src.set_weights(p, src.local("param", name))
         if not p.requires_grad:
             continue
-        safe_set_full_fp32_param(p, weights)
         for key in MOMENTS:
-            safe_set_full_optimizer_state(p, local(key, name), key)
-        if "ema" in files:
-            shadow = local("ema", name)
-            ema[name] = _zero3_partition(shadow, p.ds_tensor.numel(), dp_rank) if zero3 else shadow.view_as(p)
-    engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])  # its optimizer's groups keep their LR until set:
+            safe_set_full_optimizer_state(p, src.local(key, name), key)
+        if "ema" in src.files:
+            ema[name] = src.held(p, src.local("ema", name))
+    engine.lr_scheduler.load_state_dict(src.saved["lr_scheduler"])  # its optimizer's groups keep their LR until set:
     for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
-    for key, value in saved["engine"].items():
+    for key, value in src.saved["engine"].items():
         setattr(engine, key, value)
     dist.barrier()
-    return saved["client"], {"ema": ema}
+    return src.saved["client"], {"ema": ema}
+
+
+@torch.no_grad()
+def load_weights(engine, tag_dir: Path, kind: str = "param") -> tuple[dict, list[str]]:
+    """Collective: only the weights (``param``, or the ``ema`` weights) of ``tag_dir`` (any layout) into a fresh
+    ``engine``; its optimizer, schedule and counters stay new. Returns (the source's client state, the canonical
+    names the source lacks, which keep their initialisation). Only adapters and AdaLN may be missing: a source
+    without them (an MDM converted before they existed) starts them as a new run would (zero-initialised)."""
+    from mlfm_scale.train.engine import role
+
+    src = _Universal(engine, tag_dir)
+    if kind not in src.files:
+        raise CheckpointError(f"{tag_dir} holds no {kind} weights: set train.init_weights=param")
+    _init_adamw_state(engine, 0)  # AdamW's state as its first step makes it, so the fp32 copies can be set
+    names = [n for n, _ in engine.module.named_parameters()]
+    missing = [canonical_name(n) for n in names if not src.has(kind, n)]
+    if base := [n for n in missing if role(n) == "base"]:
+        raise CheckpointError(f"{tag_dir} has no weights for {len(base)} parameters of this model, e.g. "
+                              f"{', '.join(base[:3])}: it was trained or converted with another model config")
+    ours = {canonical_name(n) for n in names}
+    if extra := sorted(set(src.files[kind].keys()) - ours):
+        raise CheckpointError(f"{tag_dir} has weights this model lacks, e.g. {', '.join(extra[:3])}: its model "
+                              "config differs (model.lora, model.time_mlp?); set the source's model section")
+    for name, p in engine.module.named_parameters():
+        if src.has(kind, name):
+            src.set_weights(p, src.local(kind, name))
+    dist.barrier()
+    return src.saved["client"], missing
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -137,7 +137,7 @@ class Trainer:
         from mlfm_scale.train.decision import DecisionMonitor
         from mlfm_scale.train.ema import EMA
         from mlfm_scale.train.engine import build_engine
-        from mlfm_scale.train.manager import CheckpointManager, RngState
+        from mlfm_scale.train.manager import CheckpointManager, Record, RngState
         from mlfm_scale.train.metrics import MetricsLogger
         from mlfm_scale.train.objective import MLFMObjective
         from mlfm_scale.train.steps import DataParallelSteps, ObjectiveStep, PipelineSteps
@@ -145,11 +145,15 @@ class Trainer:
         cfg, device = self.cfg, self.device
         manifest = load_manifest(cfg)  # pretraining shards, or SFT shards (response masks → the SFT objective)
         self.data_hash = data_fingerprint(cfg)
-        tok = manifest["tokenizer"]
+        self.tokens = tok = manifest["tokenizer"]
         vocab = cfg.model.vocab_size or tok["vocab_size"]
         self.dtype = dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32
         backend = resolve_backend(cfg.model.attention, device, dtype)
-        self.objective = MLFMObjective(cfg.objective, tok["mask_id"], (tok["eos_id"], tok["pad_id"]))
+        if (manifest["kind"] == "sft") != (cfg.stage == "sft"):
+            raise UserError(f"stage={cfg.stage}, but the data under {cfg.data.root} is {manifest['kind']} data: set "
+                            f"stage={'sft' if manifest['kind'] == 'sft' else 'pretrain'} or point data.root at "
+                            f"{'prompt/response' if cfg.stage == 'sft' else 'pretraining'} shards")
+        self.objective = MLFMObjective(cfg.objective, tok["mask_id"], (tok["eos_id"], tok["pad_id"]), cfg.sft)
         # the same initial weights for every layout: each piece draws them from (seed, piece); TP slices them
         if self.pipelined:
             net = pipeline.build_pipeline(cfg, vocab, dtype, backend, self.objective, sft=manifest["kind"] == "sft")
@@ -185,6 +189,7 @@ class Trainer:
                                     dtype=torch.float64)
         self.decision = DecisionMonitor(gammas, warn=self.rank == 0)
         self.counters = Counters()
+        self.origin = Record()  # train.init_from: where the initial weights came from
         self.guard = BadStepGuard(cfg.train.max_bad_steps)
         self.faults = set(cfg.train.inject_nonfinite)
 
@@ -192,7 +197,8 @@ class Trainer:
                                          redact(cfg.model_dump(mode="json")), cfg.checkpoint.keep_last,
                                          cfg.checkpoint.keep_every)
         for name, component in (("counters", self.counters), ("loader", self.data), ("objective", self.objective),
-                                ("rng", RngState()), ("decision", self.decision), ("metrics", self.logger)):
+                                ("rng", RngState()), ("decision", self.decision), ("metrics", self.logger),
+                                ("origin", self.origin)):
             self.manager.register(name, component)
         self.manager.register("ema", self.ema, per_rank=True)
 
@@ -249,6 +255,8 @@ class Trainer:
         found = self.manager.resume(self.cfg.train.resume)
         if found is None:  # rows of an earlier attempt here that saved no checkpoint belong to no timeline
             self.logger.load_state_dict({"step": 0})
+            if self.cfg.train.init_from:
+                self.initialise()
             return
         self._restored_schedule(announce=True)
         self.last_checkpoint = str(found[0] / found[1])
@@ -256,6 +264,24 @@ class Trainer:
                    "checkpoint_bytes": checkpoint.size(found[0] / found[1])}
         self.logger.log(self.counters.step, resumed)
         self.logger.console(self.counters.step, self.cfg.train.steps, resumed, self.counters.step)
+
+    def initialise(self) -> None:
+        """A new run from ``train.init_from``'s weights (fresh optimizer, schedule, data and curve); the EMA
+        starts from them. A converted MDM must share this run's vocabulary and mask id."""
+        t = self.cfg.train
+        loaded = self.manager.initialise(t.init_from, t.init_weights)
+        converted = loaded["client"].get("conversion") or {}
+        for key, ours in (("vocab_size", self.cfg.model.vocab_size or self.tokens["vocab_size"]),
+                          ("mask_id", self.tokens["mask_id"])):
+            if key in converted and converted[key] != ours:
+                raise UserError(f"train.init_from={t.init_from} was converted with {key} {converted[key]}, but this "
+                                f"run's tokenizer (data manifest) has {ours}: prepare the data with the model's own "
+                                "tokenizer (mlfm prep corpus ... --tokenizer)")
+        self.ema.reset()
+        self.origin.value = loaded["origin"]
+        fresh = loaded["origin"]["fresh"]
+        self._say(f"initial weights ({t.init_weights}) from {loaded['origin']['init_from']}"
+                  + (f"; {len(fresh)} adapter/AdaLN tensors it lacks start fresh" if fresh else ""))
 
     def next_batches(self) -> list | None:
         """This step's ``train.grad_accum`` micro-batches (None on ranks that read no data)."""

@@ -40,6 +40,10 @@ TP_PARTITIONS = (
     (re.compile(r"\.self_attention\.linear_qkv\.weight$"), 0, 1),  # column parallel, heads contiguous
     (re.compile(r"\.mlp\.linear_fc1\.weight$"), 0, 2),  # column parallel, gate and up halves each split
     (re.compile(r"\.(self_attention\.linear_proj|mlp\.linear_fc2)\.weight$"), 1, 1),  # row parallel
+    # LoRA (model/lora.py): B sharded like a column-parallel base's rows, A like a row-parallel base's columns
+    (re.compile(r"(^output_layer|\.linear_qkv)\.lora\.b$"), 0, 1),
+    (re.compile(r"\.linear_fc1\.lora\.b$"), 1, 1),  # [2, ffn, r]: the gate and up adapters' rows
+    (re.compile(r"\.(linear_proj|linear_fc2)\.lora\.a$"), 1, 1),
 )
 
 
@@ -255,3 +259,33 @@ def _place_range(piece: torch.Tensor, start: int, params: list[tuple[torch.Tenso
         offset += numel
         if offset >= end:
             break
+
+
+class LayoutFreeReader:
+    """Reads a tag that holds only the layout-free form (``mlfm convert``'s output: its manifest's ``layout``
+    is ``layout-free``), with :class:`CheckpointReader`'s interface."""
+
+    def __init__(self, tag_dir: str | Path):
+        self.tag_dir = Path(tag_dir)
+        self.info = verify(self.tag_dir)
+        self._state = load_file(self.tag_dir / "universal" / "state.pt")
+
+    def client_state(self) -> dict:
+        return self._state["client"]
+
+    def has_ema(self) -> bool:
+        return (self.tag_dir / "universal" / "ema.safetensors").is_file()
+
+    def optimizer_step(self) -> int:
+        return self._state["optimizer_step"]
+
+    def read(self, kinds: Iterable[str] = ("param",)) -> dict[str, dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file as load_safetensors
+
+        return {kind: load_safetensors(self.tag_dir / "universal" / f"{kind}.safetensors") for kind in kinds}
+
+
+def open_checkpoint(tag_dir: str | Path) -> CheckpointReader | LayoutFreeReader:
+    """The reader for the checkpoint tag ``tag_dir``, whichever form it has (verified)."""
+    info = verify(Path(tag_dir))
+    return LayoutFreeReader(tag_dir) if info.get("layout") == "layout-free" else CheckpointReader(tag_dir)

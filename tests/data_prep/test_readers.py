@@ -84,6 +84,12 @@ def test_sft_pairs(tmp_path):
         read([f], format="sft")
 
 
+def test_sft_chat_template_wraps_the_prompt(tmp_path):
+    f = write_lines(tmp_path / "s.jsonl", [json.dumps({"prompt": "Story of Mila.", "response": "Mila {ran}."})])
+    docs, _ = read([f], format="sft", chat_template="USER:\n{prompt}\nASSISTANT:\n")
+    assert docs == [("USER:\nStory of Mila.\nASSISTANT:\n", "Mila {ran}.")]
+
+
 def test_missing_inputs(tmp_path):
     with pytest.raises(CorpusError, match="input not found"):
         list_inputs([tmp_path / "nope.jsonl"])

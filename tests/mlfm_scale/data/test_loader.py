@@ -30,7 +30,8 @@ def test_collate_builds_micro_batch_tensors():
     assert batch["segment_ids"].tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
 
 
-def test_mixture_of_sources_follows_the_weights(tmp_path):
+@pytest.mark.parametrize("mix", ["within", "per_micro_batch"])
+def test_mixture_of_sources_follows_the_weights(tmp_path, mix):
     from data_prep.shards import prepare_shards
     from mlfm_scale.config import PrepSection, load_config
     from mlfm_scale.data.loader import TrainData, load_manifest
@@ -47,16 +48,20 @@ def test_mixture_of_sources_follows_the_weights(tmp_path):
         tokenizer = str(tmp_path / "a" / "tokenizer")
     sources = f"[{{path: {tmp_path / 'a'}, weight: 3}}, {{path: {tmp_path / 'b'}, weight: 1}}]"
     cfg = load_config(None, [f"out_dir={tmp_path}", "data.seq_len=32", "train.micro_batch_size=4",
-                             f"data.sources={sources}"])
+                             f"data.sources={sources}", f"data.mix={mix}"])
     assert load_manifest(cfg)["seq_len"] == 32
     from streaming import StreamingDataset
 
-    source_a = StreamingDataset(local=str(tmp_path / "a"), split="train", batch_size=1)
-    a_blocks = {tuple(s["tokens"].tolist()) for s in source_a}
+    blocks = {name: {tuple(s["tokens"].tolist()) for s in StreamingDataset(local=str(tmp_path / name), split="train",
+                                                                          batch_size=1)} for name in "ab"}
+    only = {"a": blocks["a"] - blocks["b"], "b": blocks["b"] - blocks["a"]}  # a block can occur in both corpora
     data = TrainData(cfg)
-    rows = [tuple(t.tolist()) for _ in range(40) for t in next(data)["tokens"]]
-    share = sum(r in a_blocks for r in rows) / len(rows)
+    batches = [[tuple(t.tolist()) for t in next(data)["tokens"]] for _ in range(40)]
+    rows = [r for batch in batches for r in batch]
+    share = sum(r in only["a"] for r in rows) / sum(r in only["a"] or r in only["b"] for r in rows)
     assert 0.6 < share < 0.9, share  # weights 3 : 1
+    mixed = sum(any(r in only["a"] for r in b) and any(r in only["b"] for r in b) for b in batches)
+    assert mixed == 0 if mix == "per_micro_batch" else mixed > 0  # one source per micro-batch, or rows of both
 
 
 def test_a_position_saved_at_the_end_of_an_epoch_resumes_into_the_next(tmp_path):

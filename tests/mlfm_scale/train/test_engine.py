@@ -12,27 +12,54 @@ CFG = ModelSection(num_layers=1, hidden_size=32, num_heads=4, ffn_hidden_size=64
                    time_hidden_size=32)
 
 
+def groups_by_name(model, cfg):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {(g["role"], g["weight_decay"], g["lr"]): {names[id(p)] for p in g["params"]}
+            for g in param_groups(model, cfg)}
+
+
 def test_weight_decay_skips_norms_biases_and_adaln(process_group):
     model = MLFMModel(CFG, 50, seed=0)
-    decay, no_decay = param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert {names[id(p)] for p in no_decay["params"]} >= {"decoder.layers.0.modulation.weight",
-                                                          "decoder.layers.0.modulation.bias",
-                                                          "decoder.final_layernorm.weight"}
-    assert all("norm" not in names[id(p)] and "modulation" not in names[id(p)] for p in decay["params"])
-    assert "decoder.layers.0.self_attention.linear_qkv.weight" in {names[id(p)] for p in decay["params"]}
+    groups = groups_by_name(model, load_config(None, ["train.weight_decay=0.1", "train.lr=0.5"]))
+    assert set(groups) == {("adaln", 0.0, 0.5), ("base", 0.1, 0.5), ("base", 0.0, 0.5)}
+    assert {"decoder.layers.0.modulation.weight", "decoder.layers.0.modulation.bias",
+            "gamma_embedding.mlp.0.weight"} <= groups["adaln", 0.0, 0.5]
+    assert "decoder.final_layernorm.weight" in groups["base", 0.0, 0.5]
+    assert all("norm" not in n for n in groups["base", 0.1, 0.5])
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in groups["base", 0.1, 0.5]
 
 
 def test_trainable_subset_freezes_the_rest(process_group):
     model = MLFMModel(CFG, 50, seed=0)
-    apply_trainable(model, [r"modulation", r"gamma_embedding"])
+    cfg = load_config(None, ["train.trainable=[modulation,gamma_embedding]"])
+    apply_trainable(model, cfg)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("modulation" in n or "gamma_embedding" in n for n in trained)
-    decay, no_decay = param_groups(model, 0.1)
-    assert len(decay["params"]) + len(no_decay["params"]) == len(trained)
+    assert set().union(*groups_by_name(model, cfg).values()) == trained
     with pytest.raises(UserError, match="matches no parameter"):
-        apply_trainable(model, ["nothing-like-this"])
+        apply_trainable(model, load_config(None, ["train.trainable=[nothing-like-this]"]))
+
+
+LORA = ["model.lora.rank=4", "model.lora.output_rank=2", "train.lr=1.0", "train.lora_lr=0.25",
+        "train.adaln_lr=0.5"]
+
+
+def test_lora_trains_adapters_and_adaln_at_their_own_rates(process_group):
+    cfg = load_config(None, LORA)
+    model = MLFMModel(CFG.model_copy(update={"lora": cfg.model.lora}), 50, seed=0)
+    apply_trainable(model, cfg)
+    groups = groups_by_name(model, cfg)
+    assert set(groups) == {("lora", 0.01, 0.25), ("adaln", 0.0, 0.5)}
+    assert groups["lora", 0.01, 0.25] == {n for n, _ in model.named_parameters() if ".lora." in n}
+    assert "output_layer.lora.b" in groups["lora", 0.01, 0.25]
+    assert len(groups["lora", 0.01, 0.25]) == 2 * (4 + 1)  # A and B on qkv, proj, fc1, fc2 and the head
+    # train.base_lr unfreezes the base at its own rate; the input embeddings stay frozen
+    cfg = load_config(None, [*LORA, "train.base_lr=0.125"])
+    model = MLFMModel(CFG.model_copy(update={"lora": cfg.model.lora}), 50, seed=0)
+    apply_trainable(model, cfg)
+    groups = groups_by_name(model, cfg)
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in groups["base", 0.01, 0.125]
+    assert "embedding.weight" not in set().union(*groups.values())
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

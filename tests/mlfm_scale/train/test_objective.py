@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mlfm_scale.config import ModelSection, ObjectiveSection
+from mlfm_scale.config import ModelSection, ObjectiveSection, SFTSection
 from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.model.mlfm import MLFMModel
 from mlfm_scale.train.objective import MLFMObjective
@@ -73,6 +73,42 @@ def test_sft_corrupts_only_the_response(process_group):
     assert (c.p == 1.0).sum() >= 2  # about half the rows corrupt the whole response
     loss, diag = objective().loss(net, net(c.z, c.gamma), sft, c)
     assert loss.ndim == 0 and torch.isfinite(loss) and set(diag) >= {"ce", "gamma", "mask_ratio"}
+
+
+def sft_batch(b: int, s: int = 128, seed: int = 0) -> MicroBatch:
+    """Rows ``prompt response EOS EOS…`` (prep's SFT blocks): prompt 3–10 tokens, response 1–40 then EOS padding,
+    which counts as response."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, VOCAB, (b, s), generator=g)
+    prompt = torch.randint(3, 11, (b,), generator=g)
+    end = prompt + torch.randint(1, 41, (b,), generator=g)
+    positions = torch.arange(s)[None]
+    tokens[positions >= end[:, None]] = EOS
+    return MicroBatch(tokens, torch.full((b,), s), response=positions >= prompt[:, None])
+
+
+def test_sft_prompt_positions_are_never_corrupted_and_half_the_rows_whole():
+    obj = MLFMObjective(ObjectiveSection(), mask_id=MASK, special_ids=(EOS, PAD), sft=SFTSection())
+    mb = sft_batch(10_000)
+    d = obj.draw(mb, torch.Generator().manual_seed(3))
+    assert not (d.corrupted & ~mb.response).any()
+    assert torch.equal(d.valid, mb.response)
+    assert abs(float((d.p == 1.0).float().mean()) - 0.5) < 0.02  # sft.full_response_prob
+    whole = d.p == 1.0
+    assert torch.equal(d.corrupted[whole], mb.response[whole])  # a whole row: every response position
+    quarter = MLFMObjective(ObjectiveSection(), MASK, (EOS, PAD), SFTSection(full_response_prob=0.25))
+    assert abs(float((quarter.draw(mb, torch.Generator().manual_seed(3)).p == 1.0).float().mean()) - 0.25) < 0.02
+
+
+def test_sft_batches_are_cut_after_the_longest_row():
+    obj = MLFMObjective(ObjectiveSection(), mask_id=MASK, special_ids=(EOS, PAD), sft=SFTSection(crop_multiple=64))
+    mb = sft_batch(4)
+    longest = int(((mb.tokens != EOS) * (torch.arange(128) + 1)).max())  # 1 + the last non-EOS position
+    cut = obj.crop(mb, torch.Generator())
+    assert cut.tokens.size(1) == (64 if longest + 1 <= 64 else 128)
+    assert longest + 1 <= cut.tokens.size(1)  # the first EOS stays: the model learns to stop
+    mb.tokens[0, 100] = 7  # a long row keeps the whole block
+    assert obj.crop(mb, torch.Generator()).tokens.size(1) == 128
 
 
 def test_active_curve_learns_from_diagnostics_and_round_trips():
