@@ -62,6 +62,12 @@ class PrepSection(Section):
         "strict", description="invalid UTF-8: fail, or replace with U+FFFD (counted)")
 
 
+    @model_validator(mode="after")
+    def _template(self) -> PrepSection:
+        if self.chat_template is not None and (self.format != "sft" or "{prompt}" not in self.chat_template):
+            raise ValueError("chat_template applies to prompts: it needs format=sft and a {prompt} placeholder")
+        return self
+
 class SourceSection(Section):
     """One prepared shard directory and its share of the training mixture."""
 

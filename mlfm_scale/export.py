@@ -159,6 +159,9 @@ def export(checkpoint: Path, out_dir: Path, weights: str | None = None, dtype: s
     adapted = cfg.model.lora.enabled
     if adapters_only and not adapted:
         raise UserError(f"{checkpoint} has no LoRA adapters (model.lora.rank=0): export the whole model")
+    if adapters_only and (cfg.train.base_lr is not None or cfg.train.trainable):
+        raise UserError(f"{checkpoint} trained base weights too (train.base_lr / train.trainable), which an "
+                        "adapter file leaves out: export the whole model (--merge-lora)")
     weights = weights or ("ema" if reader.has_ema() else "raw")
     if weights == "ema" and not reader.has_ema():
         raise UserError(f"{checkpoint} holds no EMA weights: export with --weights raw")

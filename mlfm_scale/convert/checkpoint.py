@@ -9,8 +9,9 @@
 ``mlfm train`` starts from it on any layout (``train.init_from=OUT``: each rank loads its shard), ``mlfm
 export`` reads it as any checkpoint. The source's tensors are streamed into one safetensors file (header
 first, from the shapes; then each tensor as it is read, the vocabulary padding as zero bytes), so the peak
-memory is one converted tensor and its sources. What the source lacks (AdaLN and, when configured, LoRA) is
-initialised as ``mlfm train`` would: zero modulation and LoRA B, so the converted model is the source model.
+memory is one converted tensor and its sources. What the source lacks (AdaLN and, when configured, LoRA) starts
+as a new run's: zero modulation and LoRA B (so the converted model is the source model), A and the γ MLPs drawn
+from their own seeds.
 """
 from __future__ import annotations
 
@@ -52,8 +53,7 @@ def fresh_entries(cfg: Config, have: set[str]) -> list[Entry]:
                  build_gamma_embedding(m, torch.float32, seed).named_parameters()}
         for name, t in gamma.items():
             add(name, tuple(t.shape), lambda t=t: t)
-    qkv = (m.num_heads + 2 * m.query_groups) * (d // m.num_heads)
-    shapes = {"qkv": (d, qkv), "proj": (d, d), "fc1": (d, 2 * m.ffn_hidden_size), "fc2": (m.ffn_hidden_size, d)}
+    shapes = lora.target_shapes(m)
     for i in range(m.num_layers):
         add(f"layers.{i}.modulation.weight", (6 * d, hidden), lambda: torch.zeros(6 * d, hidden))
         add(f"layers.{i}.modulation.bias", (6 * d,), lambda: torch.zeros(6 * d))
@@ -135,11 +135,11 @@ def write_converted(cfg: Config, plan: ConversionPlan, out: Path, record: dict, 
               "conversion": conversion}
     torch.save({"client": client, "optimizer_step": 0, "lr_scheduler": None, "engine": {}, "source": {}},
                universal / "state.pt")
-    names = [f"{UNIVERSAL}/state.pt", f"{UNIVERSAL}/param.safetensors"]
+    files = describe(universal, ["state.pt", "param.safetensors"])  # hashed once, listed in both manifests
     write_manifest(tag_dir, {"step": 0, "layout": LAYOUT_FREE, "converted": conversion, "good": True},
-                   describe(tag_dir, names))
+                   {f"{UNIVERSAL}/{name}": digest for name, digest in files.items()})
     write_manifest(universal, {"step": 0, "universal_of": str(out.absolute() / tag_for(0)), "source_manifest_sha256":
-                               manifest_sha256(tag_dir)}, describe(universal, ["state.pt", "param.safetensors"]))
+                               manifest_sha256(tag_dir)}, files)
     (staged / LATEST).write_text(tag_for(0))
     publish_dir(out)
     return out / tag_for(0)

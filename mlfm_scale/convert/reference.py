@@ -210,10 +210,10 @@ def plan(cfg: ModelSection, source: ReferenceSource) -> ConversionPlan:
                                       f"lora_output_alpha={source.config['lora_output_alpha']}")
     _require_fields(str(source.path), found, cfg)
 
-    d, ffn, layers = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
-    qkv = (cfg.num_heads + 2 * cfg.query_groups) * (d // cfg.num_heads)
-    site_shapes = {"attn.attn": (d, qkv), "attn.proj": (d, d), "mlp.swiglu.w1": (d, ffn), "mlp.swiglu.w2": (d, ffn),
-                   "mlp.swiglu.w3": (ffn, d)}  # (in, out)
+    d, layers = cfg.hidden_size, cfg.num_layers
+    in_out = lora.target_shapes(cfg)  # (in, out) of each site: a part of fc1 is one of its halves
+    site_shapes = {s: (in_out[t][0], in_out[t][1] // (1 if part is None else 2))
+                   for s, (t, part) in LORA_SITES.items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(layers):
         p = f"{BLOCK}{i}."

@@ -42,7 +42,7 @@ class AdaLNTransformerLayer(TransformerLayer):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
         if model.lora.rank:
-            lora.attach_to_layer(self, model.lora, init_seed)
+            lora.attach_to_layer(self, model, init_seed)
 
     def forward(self, hidden_states, attention_mask=None, context=None, rotary_pos_emb=None,
                 packed_seq_params=None, **_):

@@ -28,13 +28,20 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
-from mlfm_scale.config import LoRASection
+from mlfm_scale.config import LoRASection, ModelSection
 from mlfm_scale.errors import UserError
 from mlfm_scale.model.init import seeded
 
 # target → (attribute path inside an AdaLN layer, adapters side by side: fc1's gate and up halves)
 TARGETS = {"qkv": ("self_attention.linear_qkv", 1), "proj": ("self_attention.linear_proj", 1),
            "fc1": ("mlp.linear_fc1", 2), "fc2": ("mlp.linear_fc2", 1)}
+
+
+def target_shapes(cfg: ModelSection) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each target's full (TP = 1) base linear; fc1's out covers gate and up."""
+    d, ffn = cfg.hidden_size, cfg.ffn_hidden_size
+    qkv = (cfg.num_heads + 2 * cfg.query_groups) * (d // cfg.num_heads)
+    return {"qkv": (d, qkv), "proj": (d, d), "fc1": (d, 2 * ffn), "fc2": (ffn, d)}
 
 
 def initial_a(rank: int, in_features: int, seed: int, piece: str, parts: int = 1) -> torch.Tensor:
@@ -116,13 +123,9 @@ def attach(linear: nn.Module, column: bool, in_features: int, out_features: int,
     linear.register_forward_hook(_add_delta)
 
 
-def attach_to_layer(layer: nn.Module, cfg: LoRASection, seed: int) -> None:
-    """Adapters on an AdaLN layer's ``cfg.targets`` (pieces ``layer{n}.lora.{target}``)."""
-    config = layer.config
-    qkv = (config.num_attention_heads + 2 * config.num_query_groups) * config.kv_channels
-    shapes = {"qkv": (config.hidden_size, qkv), "proj": (config.hidden_size, config.hidden_size),
-              "fc1": (config.hidden_size, 2 * config.ffn_hidden_size),
-              "fc2": (config.ffn_hidden_size, config.hidden_size)}
+def attach_to_layer(layer: nn.Module, model: ModelSection, seed: int) -> None:
+    """Adapters on an AdaLN layer's ``model.lora.targets`` (pieces ``layer{n}.lora.{target}``)."""
+    cfg, shapes = model.lora, target_shapes(model)
     for target in cfg.targets:
         path, parts = TARGETS[target]
         linear = layer.get_submodule(path)

@@ -167,6 +167,9 @@ def check_supported(cfg: Config) -> None:
     if cfg.sample.validation.every:
         raise UserError("sample.validation.every > 0 samples with the whole model on one rank; with parallel.pp > 1 "
                         "set sample.validation.every=0 and sample from an export (`mlfm export`, `mlfm sample`)")
+    if cfg.model.time_mlp == "per_layer":
+        raise UserError("model.time_mlp=per_layer is not supported with parallel.pp > 1 (the sinusoidal features "
+                        "sent between stages carry no gradient); train it with pp=1")
     if cfg.model.num_layers < cfg.parallel.pp:
         raise UserError(f"parallel.pp={cfg.parallel.pp} stages need at least as many layers "
                         f"(model.num_layers={cfg.model.num_layers})")

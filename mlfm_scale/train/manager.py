@@ -169,7 +169,10 @@ class CheckpointManager:
             return None
         if resume != "auto":
             ckpt_dir, tag = checkpoint.resolve(resume)
-            checkpoint.verify(ckpt_dir / tag)
+            if checkpoint.verify(ckpt_dir / tag).get("layout") == "layout-free":
+                raise checkpoint.CheckpointError(
+                    f"train.resume={resume}: {ckpt_dir / tag} holds weights only (`mlfm convert`'s output), no "
+                    f"training state to resume; start a new run from it with train.init_from={resume}")
             return str(ckpt_dir), tag
         latest, problem = checkpoint.latest_tag(self.ckpt_dir), None
         if latest is not None:

@@ -52,7 +52,8 @@ class Corruption(Draw):
 class MLFMObjective:
     """MLFM.md's forward process and velocity objective (CE through the clean-data parameterisation, plus
     λ·‖x̂0 − e‖²), with the adaptive γ curve when the schedule uses it. ``special_ids``: (EOS, others…), never
-    corrupted; ``sft``: the SFT stage's settings (used on prompt/response batches)."""
+    corrupted in pretraining (SFT corrupts the response, its EOS padding included); ``sft``: the SFT stage's
+    settings (used on prompt/response batches)."""
 
     def __init__(self, cfg: ObjectiveSection, mask_id: int, special_ids: tuple[int, ...],
                  sft: SFTSection | None = None):

@@ -144,6 +144,21 @@ class _Universal:
                                   "train.trainable?)")
         return split_tp(self.files[kind].get_tensor(c), tp_partition(c), self.tp, self.tp_rank).to(self.device)
 
+    def full_shaped(self, kind: str, name: str, p: torch.nn.Parameter) -> torch.Tensor:
+        """``local(kind, name)`` after checking the source's full shape against ``p``'s (a vocabulary or width
+        that differs is named, not a reshape error)."""
+        c = canonical_name(name)
+        shape = list(getattr(p, "ds_shape", p.shape))
+        if (partition := tp_partition(c)) is not None:
+            shape[partition[0]] *= self.tp
+        found = list(self.files[kind].get_slice(c).get_shape())
+        if found != shape:
+            vocab = c in ("embedding.weight", "output_layer.weight")
+            why = "the vocabulary differs (prepare the data with the source's tokenizer)" if vocab else \
+                "the model config differs"
+            raise CheckpointError(f"{self.tag_dir}: {c} is {found} there and {shape} in this model: {why}")
+        return self.local(kind, name)
+
     def held(self, p: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
         """A TP-local tensor the way ``p`` holds it (its ZeRO-3 partition, or the whole)."""
         return _zero3_partition(tensor, p.ds_tensor.numel(), self.dp_rank) if self.zero3 else tensor.view_as(p)
@@ -164,6 +179,12 @@ def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     src = _Universal(engine, tag_dir)
+    groups = len(engine.lr_scheduler.optimizer.param_groups)
+    if len(src.saved["lr_scheduler"]["base_lrs"]) != groups:
+        raise CheckpointError(f"{tag_dir} was trained with {len(src.saved['lr_scheduler']['base_lrs'])} AdamW "
+                              f"parameter groups, this version makes {groups} (by role: LoRA, AdaLN, base): resume it "
+                              f"with the version that wrote it, or start a new run from its weights with "
+                              f"train.init_from={tag_dir}")
     _init_adamw_state(engine, src.saved["optimizer_step"])
     ema = {}
     for name, p in engine.module.named_parameters():
@@ -187,8 +208,8 @@ def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
 def load_weights(engine, tag_dir: Path, kind: str = "param") -> tuple[dict, list[str]]:
     """Collective: only the weights (``param``, or the ``ema`` weights) of ``tag_dir`` (any layout) into a fresh
     ``engine``; its optimizer, schedule and counters stay new. Returns (the source's client state, the canonical
-    names the source lacks, which keep their initialisation). Only adapters and AdaLN may be missing: a source
-    without them (an MDM converted before they existed) starts them as a new run would (zero-initialised)."""
+    names the source lacks, which keep their initialisation). Only adapters and AdaLN may be missing (a
+    pretraining checkpoint starting an adapter run): they start as a new run's do (modulation and LoRA B zero)."""
     from mlfm_scale.train.engine import role
 
     src = _Universal(engine, tag_dir)
@@ -200,13 +221,14 @@ def load_weights(engine, tag_dir: Path, kind: str = "param") -> tuple[dict, list
     if base := [n for n in missing if role(n) == "base"]:
         raise CheckpointError(f"{tag_dir} has no weights for {len(base)} parameters of this model, e.g. "
                               f"{', '.join(base[:3])}: it was trained or converted with another model config")
-    ours = {canonical_name(n) for n in names}
-    if extra := sorted(set(src.files[kind].keys()) - ours):
+    held = [None] * dist.get_world_size()  # a pipeline stage holds only its own layers
+    dist.all_gather_object(held, [canonical_name(n) for n in names])
+    if extra := sorted(set(src.files[kind].keys()) - set().union(*held)):
         raise CheckpointError(f"{tag_dir} has weights this model lacks, e.g. {', '.join(extra[:3])}: its model "
                               "config differs (model.lora, model.time_mlp?); set the source's model section")
     for name, p in engine.module.named_parameters():
         if src.has(kind, name):
-            src.set_weights(p, src.local(kind, name))
+            src.set_weights(p, src.full_shaped(kind, name, p))
     dist.barrier()
     return src.saved["client"], missing
 

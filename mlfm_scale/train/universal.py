@@ -276,9 +276,6 @@ class LayoutFreeReader:
     def has_ema(self) -> bool:
         return (self.tag_dir / "universal" / "ema.safetensors").is_file()
 
-    def optimizer_step(self) -> int:
-        return self._state["optimizer_step"]
-
     def read(self, kinds: Iterable[str] = ("param",)) -> dict[str, dict[str, torch.Tensor]]:
         from safetensors.torch import load_file as load_safetensors
 
@@ -286,6 +283,11 @@ class LayoutFreeReader:
 
 
 def open_checkpoint(tag_dir: str | Path) -> CheckpointReader | LayoutFreeReader:
-    """The reader for the checkpoint tag ``tag_dir``, whichever form it has (verified)."""
-    info = verify(Path(tag_dir))
-    return LayoutFreeReader(tag_dir) if info.get("layout") == "layout-free" else CheckpointReader(tag_dir)
+    """The reader for the checkpoint tag ``tag_dir``, whichever form it has (the reader verifies it)."""
+    import json
+
+    from mlfm_scale.train.checkpoint import MANIFEST
+
+    path = Path(tag_dir) / MANIFEST
+    layout = json.loads(path.read_text()).get("layout") if path.is_file() else None
+    return LayoutFreeReader(tag_dir) if layout == "layout-free" else CheckpointReader(tag_dir)

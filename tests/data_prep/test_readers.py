@@ -90,6 +90,13 @@ def test_sft_chat_template_wraps_the_prompt(tmp_path):
     assert docs == [("USER:\nStory of Mila.\nASSISTANT:\n", "Mila {ran}.")]
 
 
+def test_a_chat_template_needs_sft_and_a_prompt_placeholder():
+    with pytest.raises(ValueError, match="placeholder"):
+        PrepSection(format="sft", chat_template="USER: hi")
+    with pytest.raises(ValueError, match="format=sft"):
+        PrepSection(format="jsonl", chat_template="USER:\n{prompt}\n")
+
+
 def test_missing_inputs(tmp_path):
     with pytest.raises(CorpusError, match="input not found"):
         list_inputs([tmp_path / "nope.jsonl"])

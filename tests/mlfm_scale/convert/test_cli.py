@@ -56,6 +56,11 @@ def test_the_converted_checkpoint_exports_to_the_source_model(converted):
     assert json.loads((export / "config.json").read_text())["merged_lora"]["rank"] == 4
 
 
+def test_a_converted_checkpoint_is_a_start_not_a_resume(converted, shards, tmp_path):
+    result = train(tmp_path / "run", shards, 1, *MODEL, *LORA, f"train.resume={converted['checkpoint']}", check=False)
+    assert result.returncode != 0 and f"train.init_from={converted['checkpoint']}" in result.stderr
+
+
 def test_lora_training_from_it_keeps_the_base_and_exports_merged_or_as_adapters(converted, shards, tmp_path):
     run = tmp_path / "run"
     train(run, shards, 2, *MODEL, *LORA, "parallel.tp=2", f"train.init_from={converted['checkpoint']}",

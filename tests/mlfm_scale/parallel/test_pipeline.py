@@ -45,6 +45,7 @@ def test_per_sequence_floats_cross_stages_bit_exactly():
     (["objective.mse_weight=0.1"], "objective.mse_weight > 0 needs the clean embeddings"),
     (["model.num_layers=1"], "need at least as many layers"),
     (["sample.validation.every=10"], "sample.validation.every > 0 samples with the whole model on one rank"),
+    (["model.time_mlp=per_layer"], "model.time_mlp=per_layer is not supported with parallel.pp > 1"),
 ])
 def test_pipeline_settings_it_cannot_run_are_refused(overrides, message):
     cfg = load_config(None, ["parallel.pp=2", "parallel.zero_stage=1", *overrides])
