@@ -61,6 +61,20 @@ def test_a_converted_checkpoint_is_a_start_not_a_resume(converted, shards, tmp_p
     assert result.returncode != 0 and f"train.init_from={converted['checkpoint']}" in result.stderr
 
 
+def test_a_pipeline_run_starts_from_it(converted, shards, tmp_path):
+    """PP = 2 × ZeRO-1: each stage loads its own layers (the source's other layers are not 'extra')."""
+    run = tmp_path / "pp"
+    result = train(run, shards, 2, *MODEL, *LORA, "parallel.pp=2", "parallel.zero_stage=1", "train.grad_accum=2",
+                   f"train.init_from={converted['checkpoint']}", "train.steps=2", "checkpoint.every=2")
+    assert "initial weights (param)" in result.stderr
+    mlfm("reshard", run / "checkpoints")
+    start = load_file(converted["checkpoint"] / "step00000000" / "universal" / "param.safetensors")
+    after = load_file(run / "checkpoints" / "step00000002" / "universal" / "param.safetensors")
+    assert after.keys() == start.keys()
+    assert all(torch.equal(after[n], t) for n, t in start.items() if ".lora." not in n and "modulation" not in n
+               and "gamma_embedding" not in n)
+
+
 def test_lora_training_from_it_keeps_the_base_and_exports_merged_or_as_adapters(converted, shards, tmp_path):
     run = tmp_path / "run"
     train(run, shards, 2, *MODEL, *LORA, "parallel.tp=2", f"train.init_from={converted['checkpoint']}",
