@@ -127,7 +127,7 @@ class MLFMForInference(nn.Module):
                         dtype: torch.dtype | None = None, adapters: str | Path | None = None) -> MLFMForInference:
         """Load an export directory onto ``device``, in ``dtype`` (None: the exported dtype); ``adapters``: an
         ``mlfm export --adapters-only`` directory applied on top (its LoRA merged into the weights, its AdaLN
-        and γ MLPs, γ curve and decision window taking the base's place)."""
+        and γ MLPs, γ curve, decision window and sampler settings taking the base's place)."""
         export_dir = Path(export_dir)
         if not (export_dir / CONFIG).is_file():
             raise UserError(f"{export_dir} has no {CONFIG}: not an `mlfm export` directory")
@@ -145,7 +145,7 @@ class MLFMForInference(nn.Module):
             with torch.device("meta"):
                 model = cls(config, export_dir)
         model.load_state_dict(weights, strict=True, assign=True)
-        generation = export_dir / GENERATION_CONFIG
+        generation = (Path(adapters) if adapters is not None else export_dir) / GENERATION_CONFIG  # the run's sampler
         model.generation_config = json.loads(generation.read_text()) if generation.is_file() else {}
         return model.to(device=device, dtype=dtype or DTYPES[config["dtype"]]).eval()
 

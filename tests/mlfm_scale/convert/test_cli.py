@@ -105,6 +105,9 @@ def test_lora_training_from_it_keeps_the_base_and_exports_merged_or_as_adapters(
     reference = unmerged_logits(after, run, ids, converted["vocab"])
     assert (export_logits(merged, ids) - reference).abs().max() <= 1e-5
     assert (export_logits(base, ids, adapters=adapters) - reference).abs().max() <= 1e-5
+    settings = json.loads((adapters / "generation_config.json").read_text()) | {"steps": 7}  # the run's own
+    (adapters / "generation_config.json").write_text(json.dumps(settings))
+    assert MLFMForInference.from_pretrained(base, adapters=adapters).generation_config == settings
 
 
 def unmerged_logits(params, run, ids, vocab):
