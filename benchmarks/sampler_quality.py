@@ -9,6 +9,9 @@ it); the first two get the same budget, 3000 steps:
 - ``mdm``: ``objective.kind=mdm``, the same network trained as a plain masked diffusion model (the baseline);
 - ``mlfm-unit-table``: ``model.embedding_std=1.0``, the N(0, 1) table this project used before (the "before"),
   600 steps: enough for its decision window to settle.
+``mlfm-flowmap`` is ``mlfm`` distilled into a flow-map student (``mlfm distill``, 1000 steps), sampled with
+``method=flowmap`` at up to 8 jumps per promotion round (and as a one-shot decoder), against the distillation
+target (4 jumps ≥ 90 % of the teacher's 256-step validity at ≤ 1/20 of its NFE).
 Each export gets ``mlfm diagnose`` (accuracy and CE against γ, every position corrupted); the windows of the
 two MLFM networks are plotted in benchmarks/figures/decision_window.png. Then for each sampler and step count it
 draws ``--samples`` unconditional and as many prompted samples (``Story of NAME.``) of ``--length`` tokens with
@@ -47,6 +50,15 @@ MODELS = {  # name → (training steps, overrides of the training run over SHAPE
     "mlfm-wide": (TRAIN_STEPS, ["model.hidden_size=256", "model.ffn_hidden_size=704", "model.num_heads=8"]),
 }
 LEVERS = ("mlfm-6000", "mlfm-sigma0.5", "mlfm-curve", "mlfm-wide")
+# distilled students: name → (teacher network, distillation steps, overrides of `mlfm distill` over SHAPE): FMLM's
+# settings (AdamW lr 3e-4, β2 0.95, no weight decay, clip 1, constant LR after warmup); the EMA at 0.999, not
+# FMLM's 0.9999, whose horizon is ten times this run
+DISTILL_STEPS = 1000
+DISTILLED = {
+    "mlfm-flowmap": ("mlfm", DISTILL_STEPS, ["train.lr=3e-4", "train.weight_decay=0", "train.min_lr_ratio=1.0",
+                                             "train.warmup_steps=50", "train.ema_decay=0.999"]),
+}
+FEW_STEPS = 8  # a flow-map student is sampled at up to this many jumps per round
 # name → (label, network, sampler settings over the export's generation defaults)
 SAMPLERS = {
     "mlfm": ("MLFM sampler (defaults)", "mlfm", {}),
@@ -63,6 +75,9 @@ SAMPLERS = {
     "mdm-of-mlfm-curve": ("MDM decoding, faster-curve network (lever)", "mlfm-curve", {"method": "mdm"}),
     "mlfm-wide": ("MLFM defaults, d = 256 (lever)", "mlfm-wide", {}),
     "mdm-of-mlfm-wide": ("MDM decoding, d = 256 network (lever)", "mlfm-wide", {"method": "mdm"}),
+    "flowmap": ("flow-map student of mlfm, K jumps per round", "mlfm-flowmap", {"method": "flowmap"}),
+    "flowmap-oneshot": ("flow-map student, one round of K jumps", "mlfm-flowmap",
+                        {"method": "flowmap", "promotion": False}),
 }
 DEFAULT_SAMPLERS = [s for s in SAMPLERS if SAMPLERS[s][1] not in LEVERS]
 sys.path.insert(0, str(REPO))
@@ -90,23 +105,48 @@ def prepared_data() -> Path:
 
 
 def exported_model(name: str) -> Path:
-    """Train (cached) network ``name`` for TRAIN_STEPS, export its EMA weights and diagnose the export."""
+    """Train (cached) network ``name`` (or distil it from its teacher network), export its EMA weights and
+    diagnose the export (a student keeps its teacher's decision profile)."""
     run_dir, export = CACHE / name / "run", CACHE / name / "export"
     if (export / "config.json").is_file():
         return export
     data = prepared_data()
-    steps, overrides = MODELS[name]
+    if name in DISTILLED:
+        teacher, steps, overrides = DISTILLED[name]
+        exported_model(teacher)
+        command, overrides = "distill", [f"distill.teacher={CACHE / teacher / 'run' / 'checkpoints'}", *overrides]
+    else:
+        command, (steps, overrides) = "train", MODELS[name]
     if not (run_dir / "checkpoints" / "latest").is_file():
         started = time.perf_counter()
-        run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlfm_scale.cli", "train",
+        run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlfm_scale.cli", command,
             "configs/tiny.yaml", f"out_dir={run_dir}", f"data.root={data}", f"train.steps={steps}",
             f"checkpoint.every={steps // 2}", "log.every=100", "train.eval_every=500", "log.plot_every=500",
             *SHAPE, *overrides)
-        print(f"trained {name}: {steps} steps in {time.perf_counter() - started:.0f} s → {run_dir}", flush=True)
+        print(f"{command}ed {name}: {steps} steps in {time.perf_counter() - started:.0f} s → {run_dir}", flush=True)
     run("-m", "mlfm_scale.cli", "export", str(run_dir / "checkpoints"), str(export), "--overwrite")
-    if name != "mdm":
+    if name not in ("mdm", *DISTILLED):
         run("-m", "mlfm_scale.cli", "diagnose", str(export), "--data", str(data), "--blocks", "32", "--points", "33")
     return export
+
+
+def median_step_seconds(name: str) -> float:
+    """The median logged step time of network ``name``'s run (2 processes on this machine)."""
+    rows = [json.loads(line) for line in (CACHE / name / "run" / "metrics.jsonl").read_text().splitlines()]
+    times = sorted(r["step_s"] for r in rows if "step_s" in r)
+    return times[len(times) // 2]
+
+
+def flowmap_target(by: dict[str, list[dict]]) -> dict:
+    """The distillation target: the student's validity at 4 jumps per round ≥ 90 % of its teacher's at 256 SDE
+    steps, at ≤ 1/20 of the NFE; with the distillation step's cost against a pretraining step's."""
+    teacher = next(r for r in by["mlfm"] if r["steps"] == 256)
+    student = next(r for r in by["flowmap"] if r["steps"] == 4)
+    quality, cost = student["valid_sentences"] / teacher["valid_sentences"], student["nfe"] / teacher["nfe"]
+    return {"teacher_256": teacher["valid_sentences"], "teacher_nfe": teacher["nfe"],
+            "flowmap_4": student["valid_sentences"], "flowmap_nfe": student["nfe"], "quality_ratio": quality,
+            "nfe_ratio": cost, "met": quality >= 0.9 and cost <= 1 / 20,
+            "step_cost": median_step_seconds("mlfm-flowmap") / median_step_seconds("mlfm")}
 
 
 def measure(model, sampler: str, steps: int, samples: int, length: int) -> dict:
@@ -223,7 +263,7 @@ def main() -> None:
     training_only = args.train_only is not None
     needed = (args.train_only or [m for m in MODELS if m not in LEVERS]) if training_only \
         else {SAMPLERS[s][1] for s in args.samplers}
-    exports = {name: exported_model(name) for name in MODELS if name in needed}
+    exports = {name: exported_model(name) for name in (*MODELS, *DISTILLED) if name in needed}
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     if {"mlfm-unit-table", "mlfm"} <= set(exports):
@@ -242,6 +282,8 @@ def main() -> None:
     print(f"{'sampler':<16} {'steps':>5} {'NFE':>8} {'rounds':>7} {'γ_min':>6} {'valid':>6} {'sentences':>9} {'s':>7}")
     for sampler in args.samplers:
         for steps in args.steps:
+            if SAMPLERS[sampler][2].get("method") == "flowmap" and steps > FEW_STEPS:
+                continue
             r = measure(models[SAMPLERS[sampler][1]], sampler, steps, args.samples, args.length)
             rows.append(r)
             print(f"{sampler:<16} {steps:>5} {r['nfe']:>8.1f} {r['rounds']:>7.1f} {r['gamma_min']:>6.2f} "
@@ -255,6 +297,9 @@ def main() -> None:
         met = all(v["mlfm"] >= v["mdm"] for v in target.values() if isinstance(v, dict)) and \
             target["best"]["mlfm"] > target["best"]["mdm"]
         print(f"target (MLFM ≥ MDM ancestral at NFE 32 and 64, best above): {'met' if met else 'missed'} {target}")
+    if by.get("flowmap") and by.get("mlfm"):
+        target["flowmap"] = flowmap_target(by)
+        print(f"flow-map target (4 jumps ≥ 90 % of the teacher's 256 steps at ≤ 1/20 NFE): {target['flowmap']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"samples": 2 * args.samples, "length": args.length, "rows": rows, "target": target},
                               indent=1))

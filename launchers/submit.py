@@ -1,8 +1,9 @@
 """Submit a job kind (or a chain of them) with submitit, or print what would be submitted.
 
-Per job: the config resolved (absolute ``out_dir``, the resolved ``launch`` section, ``train.resume=auto`` for
-preemptible kinds) → sbatch parameters → ``SlurmExecutor.submit(Job(...))`` → the resolved config written to
-the job folder ``OUT_DIR/slurm/JOBID/`` (beside submitit's per-rank logs) and the job added to the index.
+Per job: the config resolved (absolute ``out_dir``, the kind's ``configure``, the resolved ``launch`` section,
+``train.resume=auto`` for preemptible kinds) → sbatch parameters → ``SlurmExecutor.submit(Job(...))`` → the
+resolved config written to the job folder ``OUT_DIR/slurm/JOBID/`` (beside submitit's per-rank logs) and the job
+added to the index. A chain passes each kind's configured config on to the kinds after it.
 
 Secrets (``mlfm_scale.redact``): the sbatch script must run the real ``launch.setup`` lines, which may export a
 credential. It is created readable by its owner only and, once sbatch has taken its copy (SLURM runs that copy,
@@ -34,13 +35,21 @@ JOB_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def job_config(kind: JobKind, cfg: Config, launch: LaunchSection) -> Config:
-    """The config the job runs, as stored with it."""
+def configured(kind: JobKind, cfg: Config) -> Config:
+    """``cfg`` with an absolute ``out_dir`` (before ``configure`` derives paths from it), as ``kind`` configures
+    it: what its job runs and the later jobs of its chain see."""
     cfg = cfg.model_copy(deep=True)
     cfg.out_dir = str(Path(cfg.out_dir).resolve())
+    cfg = kind.configured(cfg)
     if CONTROL.search(cfg.out_dir):  # submitit quotes the path, but a newline would still end its #SBATCH line
         raise ConfigError(f"out_dir {cfg.out_dir!r}: a newline or control character would break the job's "
                           "#SBATCH --output line; choose another directory")
+    return cfg
+
+
+def job_config(kind: JobKind, cfg: Config, launch: LaunchSection) -> Config:
+    """The config the job runs, as stored with it."""
+    cfg = configured(kind, cfg)
     cfg.launch = launch
     if kind.preemptible and cfg.train.resume is None:
         cfg.train.resume = "auto"
@@ -82,7 +91,9 @@ def dry_run_text(kind: JobKind, cfg: Config, params: dict) -> str:
         f"$SLURM_JOB_ID % {PORT_SPAN}, RANK = $SLURM_PROCID, WORLD_SIZE = {world}, LOCAL_RANK = $SLURM_LOCALID, "
         f"LOCAL_WORLD_SIZE = {launch.tasks_per_node}; {backend}",
         f"#   → {kind.entry}(config){stop}",
-        f"#   config: out_dir={cfg.out_dir} train.steps={cfg.train.steps} train.resume={cfg.train.resume}",
+        f"#   config: out_dir={cfg.out_dir} train.steps={cfg.train.steps} train.resume={cfg.train.resume}"
+        + (f" distill.teacher={cfg.distill.teacher}" if cfg.distill.teacher else "")
+        + (f" (set by {kind.configure}; the later jobs of a chain run on it too)" if kind.configure else ""),
     ]))
 
 
@@ -142,9 +153,10 @@ def _submit_privately(executor, job: Job):
 
 def submit_chain(kinds: list[JobKind], cfg: Config, launch: LaunchSection, after: list[str],
                  dry_run: bool = False) -> list[str]:
-    """Each kind after the previous one succeeded (the first after ``after``); returns the job ids."""
+    """Each kind after the previous one succeeded (the first after ``after``), on the config as the kinds before
+    it configured it (after ``distill``: the student's run); returns the job ids."""
     ids = []
     for kind in kinds:
         ids.append(submit(kind, cfg, launch, after, dry_run))
-        after = [ids[-1]]
+        cfg, after = configured(kind, cfg), [ids[-1]]
     return ids

@@ -20,14 +20,18 @@ from mlfm_scale.errors import UserError, record_error
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "corpus → tokenised, packed streaming shards; the synthetic demo corpus"),
     "train": ("mlfm_scale.train.loop", "pretrain an MLFM from shards (megatron TP × DeepSpeed ZeRO, or × pipeline)"),
+    "distill": ("mlfm_scale.train.distill_cli", "distil a checkpoint into a flow-map student: 1–4 jumps per promotion "
+                "round"),
     "convert": ("mlfm_scale.convert.cli", "SMDM, LLaDA or the reference's MLFM weights → a checkpoint to train from"),
     "export": ("mlfm_scale.export", "consolidate a sharded checkpoint into one model for inference (safetensors)"),
     "reshard": ("mlfm_scale.train.reshard", "write a checkpoint's layout-free form (resume on another layout)"),
     "demo": ("mlfm_scale.demo", "the main job on the embedded default (no downloads)"),
     "config": ("mlfm_scale.config_cli", "print a config resolved with its overrides, or say what is wrong"),
-    "launch": ("launchers.cli", "submit pretrain or export (distill, eval as they land), or a chain of them, to SLURM"),
+    "launch": ("launchers.cli", "submit pretrain, sft, distill, export or eval jobs, or a chain of them, to SLURM"),
     "jobs": ("launchers.jobs_cli", "this project's SLURM jobs: state and latest checkpoint step"),
     "sample": ("mlfm_scale.sample.cli", "generate from an exported model: MLFM promotion, flow or MDM sampling"),
+    "eval": ("mlfm_scale.eval.cli", "evaluate a model: GSM8K, MT-Bench answers, generative perplexity, CE against γ, "
+             "synthetic validity; data-parallel, per-prompt seeds"),
     "diagnose": ("mlfm_scale.diagnose", "where an exported model decides its tokens: accuracy and CE against γ"),
 }
 

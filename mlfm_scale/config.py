@@ -129,6 +129,8 @@ class ModelSection(Section):
     attention: Literal["auto", "flash", "sdpa"] = "auto"
     attend_within_documents: bool = False  # restrict attention to each packed document
     recompute: bool = False  # activation recompute per layer
+    # a flow-map student (`mlfm distill`): a second, zero-initialised γ embedding for the target time of a jump
+    flow_map: bool = False
     lora: LoRASection = LoRASection()
 
     @property
@@ -209,6 +211,25 @@ class SFTSection(Section):
 
     full_response_prob: float = Field(0.5, ge=0.0, le=1.0)  # rows whose whole response is corrupted (p = 1)
     crop_multiple: int = Field(64, ge=1)  # each micro-batch is cut after its longest row, rounded up to this
+
+
+class DistillSection(Section):
+    """Flow-map self-distillation (``mlfm distill``; MLFM.md, "Flow-map distillation"): a student (the teacher's
+    network plus a target-time embedding) learns to jump s → t along the bridge's probability-flow ODE."""
+
+    teacher: str | None = Field(None, description="the teacher: a checkpoint directory holding `latest`, or a tag "
+                                "(any layout); the student starts from its weights")
+    teacher_weights: Literal["ema", "param"] = "ema"
+    steps: int | None = Field(None, ge=1, description="optimizer steps of the distillation run (default: "
+                              "train.steps); lets one config pretrain and then distil in `mlfm launch pipeline`")
+    diagonal_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of rows with s = t, whose target is "
+                                     "the teacher's posterior")
+    boundary_prob: float = Field(0.05, ge=0.0, le=1.0, description="share of the other rows jumping the whole "
+                                 "sampling range (γ quantile 0.99 → γ_min)")
+    target: Literal["student", "ema"] = Field("student", description="what computes the composed half-jump "
+                                              "targets (without gradient): the student's weights or their EMA")
+    guidance_scale: float = Field(0.0, description="the teacher's classifier-free guidance on the logits "
+                                  "(log p_c + s·(log p_c − log p_u), observed positions re-corrupted); 0: unguided")
 
 
 # ------------------------------------------------------------------------------------------- parallel
@@ -307,10 +328,15 @@ class SampleValidationSection(Section):
 class SampleSection(Section):
     """Sampler defaults (MLFM.md, Sampler); written to an export's ``generation_config.json``."""
 
-    method: Literal["mlfm", "flow", "mdm"] = Field(
+    method: Literal["mlfm", "flow", "mdm", "flowmap"] = Field(
         "mlfm", description="mlfm: SDE trajectories with online token promotion; flow: one trajectory, every "
-        "token decoded at its end; mdm: discrete ancestral unmasking with the same network")
-    steps: int = Field(256, ge=1, description="SDE steps per promotion round (mlfm, flow); unmasking steps (mdm)")
+        "token decoded at its end; mdm: discrete ancestral unmasking with the same network; flowmap: a distilled "
+        "model's jumps (`mlfm distill`), steps per promotion round")
+    steps: int = Field(256, ge=1, description="SDE steps per promotion round (mlfm, flow); unmasking steps (mdm); "
+                       "flow-map jumps per promotion round (flowmap)")
+    promotion: bool = Field(True, description="promote confident tokens round by round (mlfm, flowmap); off: the "
+                            "first round decodes every token (mlfm then samples as flow; flowmap is a one-shot "
+                            "decoder of `steps` jumps)")
     gamma_min: float | Literal["auto"] = Field(
         "auto", description="lowest γ of the sampling grid (its last point, where each trajectory ends); auto: the "
         "middle of the model's decision window (recorded by training or `mlfm diagnose`), else the median of the "
@@ -359,6 +385,37 @@ class SampleSection(Section):
         if self.gamma_min != "auto" and self.gamma_min >= self.gamma_max:
             raise ValueError(f"gamma_min {self.gamma_min} must be below gamma_max {self.gamma_max}")
         return self
+
+
+EVAL_TASKS = ("gsm8k", "mtbench", "genppl", "gamma", "validity")
+
+
+class EvalSection(Section):
+    """The evaluation job (``mlfm eval``, ``mlfm launch eval``; MLFM.md, "Evaluation protocol"): tasks over an
+    export, data-parallel over ranks, every prompt seeded by (seed, its index)."""
+
+    tasks: list[Literal["gsm8k", "mtbench", "genppl", "gamma", "validity"]] = Field(
+        ["validity"], description="gsm8k (the paper's protocol), mtbench (first-turn answers for FastChat's judge), "
+        "genppl (samples scored by a causal LM), gamma (CE against γ), validity (synthetic corpus checker)")
+    model: str | None = Field(None, description="an export directory, or a checkpoint directory or tag (exported "
+                              "first); default: out_dir/export (the pipeline's export stage)")
+    out: str = Field("eval", description="results directory (relative: under out_dir)")
+    limit: int | None = Field(None, ge=1, description="the first N problems, questions or samples")
+    steps: list[int] = Field([], description="sampler steps to sweep (empty: each task's protocol setting)")
+    batch_size: int = Field(8, ge=1, description="prompts per sampler batch on each rank")
+    seed: int = Field(0, description="prompt i is sampled from the seed (seed, i)")
+    samples: int = Field(64, ge=1, description="genppl, validity: samples drawn (validity: as many prompted)")
+    judge: str | None = Field(None, description="genppl: a local Hugging Face causal LM directory (GPT-2-large)")
+    data: str | None = Field(None, description="gamma: prepared shards (default: the config's data)")
+    blocks: int = Field(64, ge=1, description="gamma: validation blocks")
+    model_id: str | None = Field(None, description="mtbench: the answers' model_id (default: the export's name)")
+
+    @field_validator("steps")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(s < 1 for s in value):
+            raise ValueError(f"sampler steps must be positive, got {value}")
+        return value
 
 
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -439,11 +496,13 @@ class Config(Section):
     model: ModelSection = ModelSection()
     objective: ObjectiveSection = ObjectiveSection()
     sft: SFTSection = SFTSection()
+    distill: DistillSection = DistillSection()
     parallel: ParallelSection = ParallelSection()
     train: TrainSection = TrainSection()
     checkpoint: CheckpointSection = CheckpointSection()
     log: LogSection = LogSection()
     sample: SampleSection = SampleSection()
+    eval: EvalSection = EvalSection()
     launch: LaunchSection = LaunchSection()
 
     def path(self, relative: str) -> Path:

@@ -79,7 +79,9 @@ def export_config(cfg: Config, tokenizer: dict, client: dict, table: torch.Tenso
             "embedding_rms": float(table.double().square().mean().sqrt()), "decision": state.get("decision"),
             "vocab_size": cfg.model.vocab_size or tokenizer["vocab_size"], "mask_id": tokenizer["mask_id"],
             "eos_id": tokenizer["eos_id"], "pad_id": tokenizer["pad_id"], "seq_len": cfg.data.seq_len,
-            "sigma": cfg.objective.sigma, "source_checkpoint": str(source), "weights": weights, "dtype": dtype}
+            "sigma": cfg.objective.sigma, "source_checkpoint": str(source), "weights": weights, "dtype": dtype,
+            # a flow-map student distilled from a guided teacher carries that guidance in its weights
+            "distilled_guidance": cfg.distill.guidance_scale if cfg.distill.teacher else None}
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,

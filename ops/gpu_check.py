@@ -10,6 +10,10 @@
    `mlfm sample` on the GPU;
 4. LoRA in bf16: a run started from that checkpoint (`train.init_from`) with adapters, its base weights unchanged,
    exported with the adapters merged;
+5. `mlfm distill` in bf16 from that checkpoint (a flow-map student), exported and sampled with `method=flowmap` on
+   the GPU;
+6. `mlfm eval` (validity and GSM8K) of the first export in bf16 on the GPU: its throughput, and its samples against
+   a second run with another batch size;
 prints one JSON line per check and exits non-zero on the first failure.
 """
 from __future__ import annotations
@@ -139,6 +143,43 @@ def check_lora(tmp: str) -> dict:
             "merged_export_logits_finite": True}
 
 
+def check_distill(tmp: str) -> dict:
+    """A flow-map student distilled in bf16 under NCCL from the first run's checkpoint (the teacher held beside the
+    engine in bf16), exported and sampled in 4 jumps per promotion round on the GPU."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                    "mlfm_scale.cli", "distill", "configs/tiny.yaml", f"out_dir={tmp}/distill", "train.dtype=bf16",
+                    f"data.root={tmp}/data", f"distill.teacher={tmp}/checkpoints", "train.steps=10",
+                    "checkpoint.every=10", "log.every=5", "train.eval_every=10"], check=True, cwd=REPO)
+    rows = [json.loads(line) for line in Path(tmp, "distill", "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses and all(abs(x) < float("inf") for x in losses), losses
+    subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "export", f"{tmp}/distill/checkpoints",
+                    f"{tmp}/distill-export"], check=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "sample", "--model", f"{tmp}/distill-export",
+                          "--unconditional", "4", "--method", "flowmap", "--steps", "4", "--device", "cuda",
+                          "--dtype", "bf16"], check=True, cwd=REPO, capture_output=True, text=True).stdout
+    samples = [json.loads(line) for line in out.splitlines()]
+    assert len(samples) == 4 and all(r["nfe"] == 4 * r["rounds"] for r in samples), out
+    return {"check": "distill_bf16_flowmap", "losses": losses, "sample_nfe": [r["nfe"] for r in samples],
+            "sample_seconds": samples[0]["seconds"]}
+
+
+def check_eval(tmp: str) -> dict:
+    """The evaluation path in bf16 on the GPU: validity and GSM8K (the paper's protocol, 8 steps) of the first
+    export; a second run with another batch size must write the same samples (per-prompt seeds)."""
+    results = []
+    for batch in (4, 1):
+        subprocess.run([sys.executable, "-m", "mlfm_scale.cli", "eval", "validity", "gsm8k", "--model",
+                        f"{tmp}/export", "--out", f"{tmp}/eval{batch}", "--limit", "4", "--steps", "8",
+                        "--batch-size", str(batch)], check=True, cwd=REPO)
+        results.append(json.loads(Path(tmp, f"eval{batch}", "steps8", "validity", "metrics.json").read_text()))
+    assert results[0]["samples"] == results[1]["samples"], "the batch size changed the samples on the GPU"
+    gsm8k = json.loads(Path(tmp, "eval4", "steps8", "gsm8k", "metrics.json").read_text())
+    return {"check": "eval_bf16", "validity_prompts_per_s": results[0]["prompts_per_s"],
+            "validity_nfe_per_s": results[0]["nfe_per_s"], "gsm8k_n": gsm8k["n"], "gsm8k_too_long": gsm8k["too_long"],
+            "samples_identical_across_batch_sizes": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
@@ -151,6 +192,8 @@ def main() -> None:
         print(json.dumps(check_train(args.steps, tmp)), flush=True)
         print(json.dumps(check_export_and_sample(tmp)), flush=True)
         print(json.dumps(check_lora(tmp)), flush=True)
+        print(json.dumps(check_distill(tmp)), flush=True)
+        print(json.dumps(check_eval(tmp)), flush=True)
 
 
 if __name__ == "__main__":

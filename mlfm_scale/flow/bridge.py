@@ -4,12 +4,73 @@ Corrupted positions travel from the mask embedding m (t = 0) to their clean embe
 ``N((1−t)·m + t·e, σ²·t(1−t)·I)``; observed positions stay exactly e. Times t are scalars or Tensor[B] (one per
 sequence); coefficients are computed in float32 or wider, and the state z is float32 (or wider) whatever the
 network's compute dtype: the network casts it on entry. Each random draw uses the ``generator`` passed in,
-which must live on the tensors' device.
+which must live on the tensors' device: one ``torch.Generator`` for the batch, or :class:`RowGenerators`, one
+stream per row, so that a row's numbers do not depend on the other rows (the sampler's per-prompt seeds).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
+
+
+class RowGenerators:
+    """One ``torch.Generator`` per row of a batch. Row i of a draw [b, s, …] comes from generator i alone and
+    covers only the row's first ``widths[i]`` positions (its own; s ≥ every width, the rest is 0), so neither
+    the other rows nor the padded width s change a row's numbers or how far its stream advances."""
+
+    def __init__(self, generators: Sequence[torch.Generator], widths: Sequence[int]):
+        if len(generators) != len(widths):
+            raise ValueError(f"{len(generators)} generators for {len(widths)} row widths")
+        self.generators, self.widths = list(generators), list(widths)
+
+    @classmethod
+    def seeded(cls, seeds: Sequence[int], widths: Sequence[int], device: torch.device | str) -> RowGenerators:
+        """Row i's generator on ``device`` seeded with ``seeds[i]``."""
+        return cls([torch.Generator(device=device).manual_seed(seed) for seed in seeds], widths)
+
+    def rows(self, index: Tensor) -> RowGenerators:
+        """The streams of rows ``index`` (Long[a]): the same generator objects, so drawing advances them."""
+        picked = index.tolist()
+        return RowGenerators([self.generators[i] for i in picked], [self.widths[i] for i in picked])
+
+    def draw(self, sample: Callable[..., Tensor], shape: Sequence[int], device: torch.device | str,
+             dtype: torch.dtype) -> Tensor:
+        """``sample`` (torch.randn, torch.rand) of ``shape`` [b, s, …], row by row from its own generator."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"a draw of {shape[0]} rows from {len(self.generators)} row generators")
+        out = torch.zeros(shape, device=device, dtype=dtype)
+        for i, (generator, width) in enumerate(zip(self.generators, self.widths)):
+            out[i, :width] = sample((width, *shape[2:]), generator=generator, device=device, dtype=dtype)
+        return out
+
+
+Generators = torch.Generator | RowGenerators
+
+
+def for_rows(generator: Generators, index: Tensor) -> Generators:
+    """What draws for the sub-batch of rows ``index`` (Long[a]): their own streams, or the batch's generator."""
+    return generator.rows(index) if isinstance(generator, RowGenerators) else generator
+
+
+def _draw(sample: Callable[..., Tensor], shape: Sequence[int], generator: Generators, device: torch.device | str,
+          dtype: torch.dtype) -> Tensor:
+    if isinstance(generator, RowGenerators):
+        return generator.draw(sample, shape, device, dtype)
+    return sample(shape, generator=generator, device=device, dtype=dtype)
+
+
+def normal(shape: Sequence[int], generator: Generators, device: torch.device | str,
+           dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal draws of ``shape`` on ``device`` (per row with :class:`RowGenerators`)."""
+    return _draw(torch.randn, shape, generator, device, dtype)
+
+
+def uniform(shape: Sequence[int], generator: Generators, device: torch.device | str,
+            dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform [0, 1) draws of ``shape`` on ``device`` (per row with :class:`RowGenerators`)."""
+    return _draw(torch.rand, shape, generator, device, dtype)
 
 
 def broadcast_time(t: Tensor | float, like: Tensor) -> Tensor:
@@ -20,14 +81,14 @@ def broadcast_time(t: Tensor | float, like: Tensor) -> Tensor:
     return t if t.ndim == 0 else t.reshape(t.shape[0], *([1] * (like.ndim - 1)))
 
 
-def sample_corrupted(valid: Tensor, p: Tensor, generator: torch.Generator) -> Tensor:
+def sample_corrupted(valid: Tensor, p: Tensor, generator: Generators) -> Tensor:
     """Corrupted set C: Bool[B, L], each valid position independently with probability ``p[b]``.
 
     ``valid``: Bool[B, L]; ``p``: Tensor[B] in [0, 1]. A row with valid positions but none chosen gets the valid
     position with the smallest uniform draw, which given that none was chosen is uniform among its valid ones.
     Invalid positions are never chosen. One uniform per position is drawn whatever the masks.
     """
-    u = torch.rand(valid.shape, generator=generator, device=valid.device)
+    u = uniform(valid.shape, generator, valid.device)
     chosen = (u < p.to(u.dtype).unsqueeze(1)) & valid
     empty = valid.any(dim=1) & ~chosen.any(dim=1)
     first = torch.where(valid, u, 2.0).argmin(dim=1)
@@ -36,7 +97,7 @@ def sample_corrupted(valid: Tensor, p: Tensor, generator: torch.Generator) -> Te
 
 
 def bridge_forward(e: Tensor, m: Tensor, t: Tensor, corrupted: Tensor, sigma: float,
-                   generator: torch.Generator) -> Tensor:
+                   generator: Generators) -> Tensor:
     """Forward process z: Tensor[B, L, d] in float32 (or e's dtype when wider), whatever the compute dtype.
 
     ``e``: clean embeddings [B, L, d]; ``m``: mask embedding [d]; ``t``: Tensor[B] (or scalar) bridge time;
@@ -47,14 +108,14 @@ def bridge_forward(e: Tensor, m: Tensor, t: Tensor, corrupted: Tensor, sigma: fl
     """
     wide = torch.promote_types(e.dtype, torch.float32)
     e = e.to(wide)
-    eps = torch.randn(e.shape, generator=generator, device=e.device, dtype=wide)
+    eps = normal(e.shape, generator, e.device, wide)
     t = broadcast_time(t, e)
     noisy = (1 - t) * m.to(wide) + t * e + sigma * torch.sqrt(t * (1 - t)) * eps
     return torch.where(corrupted.unsqueeze(-1), noisy.to(wide), e)
 
 
 def sde_step(z: Tensor, x0_hat: Tensor, t: Tensor | float, t_next: Tensor | float, sigma: float,
-             generator: torch.Generator) -> Tensor:
+             generator: Generators) -> Tensor:
     """One bridge SDE step from t to t_next > t (t < 1): Tensor like z [B, …], in float32 or wider.
 
     ``z' = z + (t_next−t)/(1−t)·(x̂0 − z) + σ·sqrt((t_next−t)(1−t_next)/(1−t))·ε``. With a fixed x̂0 = e this maps
@@ -64,7 +125,7 @@ def sde_step(z: Tensor, x0_hat: Tensor, t: Tensor | float, t_next: Tensor | floa
     """
     wide = torch.promote_types(z.dtype, torch.float32)
     z = z.to(wide)
-    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=wide)
+    eps = normal(z.shape, generator, z.device, wide)
     t, t_next = broadcast_time(t, z), broadcast_time(t_next, z)
     dt = t_next - t
     std = sigma * torch.sqrt((dt * (1 - t_next) / (1 - t)).clamp_min(0.0))

@@ -5,7 +5,8 @@ Same computation as ``model.mlfm.MLFMModel`` at TP = 1 (MLFM.md, Model), with th
     ids ──embed──▶ e [b, s, d];   z [b, s, d], γ [b] ──AdaLN layers──▶ RMSNorm ──▶ logits [b, s, V] (float32)
 
 Parameter names are the export's (``embedding.weight``, ``gamma_embedding.*``, ``layers.{i}.*``,
-``final_norm.weight``, ``output_layer.weight``), so a state dict loads as it is.
+``final_norm.weight``, ``output_layer.weight``; a flow-map student's ``target_gamma_embedding.*``), so a state
+dict loads as it is.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from mlfm_scale.flow.schedules import GammaSchedule, active_curve_for, gamma_sch
 from mlfm_scale.model.common import (
     GammaEmbedding,
     GammaFeatures,
+    TargetGammaEmbedding,
+    conditioning_width,
     merge_adapters,
     rope_frequencies,
     segment_starts_and_positions,
@@ -101,7 +104,8 @@ class AdaLNLayer(nn.Module):
 
 
 class MLFMForInference(nn.Module):
-    """An exported MLFM: ``from_pretrained(dir)``, then ``embed`` / ``forward`` / the metadata a sampler needs."""
+    """An exported MLFM: ``from_pretrained(dir)``, then ``embed`` / ``forward`` / the metadata a sampler needs.
+    A flow-map student (``model.flow_map``, ``mlfm distill``) has a second γ embedding for a jump's target."""
 
     def __init__(self, config: dict, export_dir: Path | None = None):
         super().__init__()
@@ -116,6 +120,8 @@ class MLFMForInference(nn.Module):
         self.embedding = nn.Embedding(self.vocab_size, c.hidden_size)
         self.gamma_embedding = (GammaFeatures(c.time_embed_dim) if c.time_mlp == "per_layer"
                                 else GammaEmbedding(c.time_embed_dim, c.time_hidden_size))
+        self.target_gamma_embedding = (TargetGammaEmbedding(c.time_embed_dim, c.time_hidden_size,
+                                                            conditioning_width(c)) if c.flow_map else None)
         self.layers = nn.ModuleList(AdaLNLayer(c) for _ in range(c.num_layers))
         self.final_norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
         self.output_layer = nn.Linear(c.hidden_size, self.vocab_size, bias=False)
@@ -163,9 +169,16 @@ class MLFMForInference(nn.Module):
         return self.embedding.weight
 
     # ------------------------------------------------------------------------------------- forward
-    def forward(self, z: torch.Tensor, gamma: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def flow_map(self) -> bool:
+        """Whether this is a flow-map student, whose ``forward`` takes a jump target (``method=flowmap``)."""
+        return self.target_gamma_embedding is not None
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                gamma_target: torch.Tensor | None = None) -> torch.Tensor:
         """z [b, s, d], γ [b], optional segment ids Long[b, s] (attention stays within a segment, RoPE restarts
-        in each) → logits float32 [b, s, V]."""
+        in each), a flow-map student's jump target γ_t [b] (default γ: the posterior at γ) → logits float32
+        [b, s, V]."""
         b, s, _ = z.shape
         if segment_ids is None:
             segment_ids = torch.zeros(b, s, dtype=torch.long, device=z.device)
@@ -176,6 +189,12 @@ class MLFMForInference(nn.Module):
         blocked = None if single else segment_ids[:, None, :, None] != segment_ids[:, None, None, :]
         dtype = self.embedding.weight.dtype
         cond = self.gamma_embedding(gamma.to(z.device)).to(dtype)
+        if self.target_gamma_embedding is not None:
+            target = gamma if gamma_target is None else gamma_target
+            cond = cond + self.target_gamma_embedding(target.to(z.device)).to(dtype)
+        elif gamma_target is not None:
+            raise UserError("this model has no target-time embedding: only a flow-map student (model.flow_map, "
+                            "`mlfm distill`) takes a jump target")
         x = z.to(dtype)
         for layer in self.layers:
             x = layer(x, cond, freqs, blocked)

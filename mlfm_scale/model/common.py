@@ -16,9 +16,10 @@ def sinusoidal_embedding(gamma: torch.Tensor, width: int, max_period: float = 10
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def time_mlp(width: int, hidden: int, dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """[b, width] sinusoidal features → [b, hidden]: Linear → SiLU → Linear."""
-    return nn.Sequential(nn.Linear(width, hidden, dtype=dtype), nn.SiLU(), nn.Linear(hidden, hidden, dtype=dtype))
+def time_mlp(width: int, hidden: int, dtype: torch.dtype = torch.float32, out: int | None = None) -> nn.Sequential:
+    """[b, width] sinusoidal features → [b, out or hidden]: Linear → SiLU → Linear."""
+    return nn.Sequential(nn.Linear(width, hidden, dtype=dtype), nn.SiLU(),
+                         nn.Linear(hidden, out or hidden, dtype=dtype))
 
 
 class GammaEmbedding(nn.Module):
@@ -43,6 +44,28 @@ class GammaFeatures(nn.Module):
 
     def forward(self, gamma: torch.Tensor) -> torch.Tensor:
         return sinusoidal_embedding(gamma, self.width).to(self.dtype)
+
+
+class TargetGammaEmbedding(nn.Module):
+    """A flow-map student's second time embedding (``model.flow_map``): the jump's target γ_t [b] →
+    sinusoidal(width) → Linear → SiLU → Linear → [b, out], added to the conditioning of the start γ_s (``out`` its
+    width). The last Linear starts at zero, so a new student is exactly its teacher. Replicated on every TP rank."""
+
+    def __init__(self, width: int, hidden: int, out: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.width = width
+        self.mlp = time_mlp(width, hidden, dtype, out)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, gamma: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(gamma, self.width).to(self.mlp[0].weight.dtype))
+
+
+def conditioning_width(cfg) -> int:
+    """Width of the conditioning the layers read (``cfg``: the model section): the shared γ MLP's output, or
+    the sinusoidal features each layer's own MLP reads (``time_mlp=per_layer``)."""
+    return cfg.time_embed_dim if cfg.time_mlp == "per_layer" else cfg.time_hidden_size
 
 
 def rope_frequencies(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:

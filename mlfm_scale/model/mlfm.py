@@ -27,7 +27,13 @@ from mlfm_scale.errors import UserError
 from mlfm_scale.model import lora
 from mlfm_scale.model.adaln import AdaLNTransformerLayer
 from mlfm_scale.model.attention import AttentionSegments, CoreAttention
-from mlfm_scale.model.common import GammaEmbedding, GammaFeatures, rope_frequencies
+from mlfm_scale.model.common import (
+    GammaEmbedding,
+    GammaFeatures,
+    TargetGammaEmbedding,
+    conditioning_width,
+    rope_frequencies,
+)
 from mlfm_scale.model.init import seeded
 from mlfm_scale.model.vocab_parallel import VocabOutputs, vocab_parallel_outputs
 
@@ -114,6 +120,14 @@ def build_gamma_embedding(cfg: ModelSection, dtype: torch.dtype, seed: int) -> G
         return GammaEmbedding(cfg.time_embed_dim, cfg.time_hidden_size, dtype)
 
 
+def build_target_gamma_embedding(cfg: ModelSection, dtype: torch.dtype, seed: int) -> TargetGammaEmbedding | None:
+    """A flow-map student's target-time embedding (``model.flow_map``), None otherwise."""
+    if not cfg.flow_map:
+        return None
+    with seeded(seed, "target_gamma_embedding"):
+        return TargetGammaEmbedding(cfg.time_embed_dim, cfg.time_hidden_size, conditioning_width(cfg), dtype)
+
+
 def build_final_norm(config: TransformerConfig) -> torch.nn.Module:
     """The RMSNorm after the last layer (megatron's block norm implementation)."""
     return build_module(LayerNormImpl, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
@@ -164,7 +178,8 @@ class EmbeddingLookup:
 
 
 class MLFMModel(EmbeddingLookup, MegatronModule):
-    """z [b, s, d], γ [b], optional segment ids [b, s] → this rank's logits [b, s, V_pad/tp]."""
+    """z [b, s, d], γ [b], optional segment ids [b, s] → this rank's logits [b, s, V_pad/tp]. A flow-map student
+    (``model.flow_map``) also takes the jump's target γ_t [b] (default γ: the jump of length 0, the posterior)."""
 
     def __init__(self, cfg: ModelSection, vocab_size: int, tp: int = 1, dtype: torch.dtype = torch.float32,
                  backend: str = "sdpa", seed: int = 0):
@@ -174,18 +189,26 @@ class MLFMModel(EmbeddingLookup, MegatronModule):
         self.padded_vocab = padded_vocab_size(vocab_size, tp)
         self.embedding = build_embedding(cfg, config, self.padded_vocab, seed)
         self.gamma_embedding = build_gamma_embedding(cfg, dtype, seed)
+        self.target_gamma_embedding = build_target_gamma_embedding(cfg, dtype, seed)
         self.decoder = TransformerBlock(config, layer_spec(cfg, backend, seed), post_layer_norm=True)
         self.output_layer = build_output_layer(cfg, config, self.padded_vocab, seed)
 
     # -------------------------------------------------------------------------------------- forward
-    def forward(self, z: torch.Tensor, gamma: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """z [b, s, d] (the forward process makes it float32; cast to the compute dtype here), γ [b]."""
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                gamma_target: torch.Tensor | None = None) -> torch.Tensor:
+        """z [b, s, d] (the forward process makes it float32; cast to the compute dtype here), γ [b]; a flow-map
+        student's jump target γ_t [b]."""
         b, s, _ = z.shape
         z = z.to(self.config.params_dtype)
         if segment_ids is None:
             segment_ids = torch.zeros(b, s, dtype=torch.long, device=z.device)
         segments, rope = layer_inputs(segment_ids, self.cfg, self.backend)
         cond = self.gamma_embedding(gamma)
+        if self.target_gamma_embedding is not None:
+            cond = cond + self.target_gamma_embedding(gamma if gamma_target is None else gamma_target)
+        elif gamma_target is not None:
+            raise UserError("this model has no target-time embedding: only a flow-map student (model.flow_map, "
+                            "`mlfm distill`) takes a jump target")
         hidden = self.decoder(hidden_states=z.transpose(0, 1).contiguous(), attention_mask=segments.mask,
                               context=cond, rotary_pos_emb=rope, packed_seq_params=segments.packed)
         logits, _ = self.output_layer(hidden)

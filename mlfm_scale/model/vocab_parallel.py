@@ -67,3 +67,33 @@ def vocab_parallel_outputs(logits: torch.Tensor, targets: torch.Tensor, vocab_st
         max_prob = torch.exp(-log_z)  # the top logit is 0 after shifting
         correct = (target_logit >= 0).float()  # the target holds the global max
     return VocabOutputs(ce=ce, x0_hat=x0_hat, max_prob=max_prob, correct=correct, entropy=entropy)
+
+
+def _shifted_log_z(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits − their global max [..., V/tp], log Σ exp of that over the whole vocabulary [...]), float32."""
+    logits = logits.float()
+    shifted = logits - _max(logits.max(dim=-1).values.detach()).unsqueeze(-1)
+    return shifted, _sum(shifted.exp().sum(dim=-1)).log()
+
+
+def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax over the whole vocabulary of this rank's logits [..., V/tp]: float32 [..., V/tp] (padded
+    entries, pinned to the lowest value, stay the lowest float)."""
+    shifted, log_z = _shifted_log_z(logits)
+    return shifted - log_z.unsqueeze(-1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``−Σ_v target_v · log softmax(logits)_v`` per position [...] (nats, float32), differentiable in ``logits``
+    [..., V/tp]; ``target`` [..., V/tp] this rank's slice of a distribution over the whole vocabulary (no
+    gradient). Written as log Z − Σ target·(logits − max): log Z must appear once, outside the reduction over
+    ranks, for the TP all-reduce (identity backward) to give each rank softmax − target; inside it, each rank's
+    term would weigh log Z by its own share of the target. Padded entries (zero target) add exactly 0."""
+    shifted, log_z = _shifted_log_z(logits)
+    return log_z - _sum((target.detach().float() * shifted).sum(dim=-1))
+
+
+def mean_embedding(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """D = p·E [..., d] float32 for this rank's slice of a distribution ``probs`` [..., V/tp] and of the table
+    ``table`` [V/tp, d], summed over the TP group."""
+    return _sum(probs.float() @ table.float())

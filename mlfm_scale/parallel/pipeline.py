@@ -170,6 +170,9 @@ def check_supported(cfg: Config) -> None:
     if cfg.model.time_mlp == "per_layer":
         raise UserError("model.time_mlp=per_layer is not supported with parallel.pp > 1 (the sinusoidal features "
                         "sent between stages carry no gradient); train it with pp=1")
+    if cfg.distill.teacher is not None or cfg.model.flow_map:
+        raise UserError("flow-map distillation (`mlfm distill`) runs teacher and student passes inside each step, "
+                        "which DeepSpeed's pipeline schedule cannot: distil with parallel.pp=1 (TP × ZeRO)")
     if cfg.model.num_layers < cfg.parallel.pp:
         raise UserError(f"parallel.pp={cfg.parallel.pp} stages need at least as many layers "
                         f"(model.num_layers={cfg.model.num_layers})")

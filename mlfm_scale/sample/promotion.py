@@ -8,10 +8,13 @@ round: the pure flow sampler (one trajectory, every token decoded at its end).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from mlfm_scale.config import SampleSection
+from mlfm_scale.flow.bridge import Generators, for_rows
 from mlfm_scale.sample.canvas import Canvas
 from mlfm_scale.sample.denoiser import Denoiser
 from mlfm_scale.sample.grid import gamma_grid
@@ -64,23 +67,32 @@ def select_promotions(score: Tensor, remaining: Tensor, is_eos: Tensor, threshol
     return passes | (candidate & (rank < torch.where(eos, eos_quota, need - eos_quota)))
 
 
+def sde_round_nfe(cfg: SampleSection, prompted: Tensor) -> Tensor:
+    """Long[b]: one round's evaluations per row with an SDE trajectory of ``cfg.steps`` steps."""
+    return trajectory_nfe(cfg.steps, cfg, prompted)
+
+
 def promotion_sample(denoiser: Denoiser, canvas: Canvas, state: SampleState, cfg: SampleSection, threshold: float,
-                     banned: Tensor, generator: torch.Generator) -> None:
-    """Fill ``state`` by rounds of trajectory + promotion; finished rows leave the batch (and stop counting NFE)."""
+                     banned: Tensor, generator: Generators, trajectory: Callable = sde_trajectory,
+                     round_nfe: Callable[[SampleSection, Tensor], Tensor] = sde_round_nfe) -> None:
+    """Fill ``state`` by rounds of trajectory + promotion; finished rows leave the batch (and stop counting NFE).
+    ``trajectory`` (``sde_trajectory``'s arguments; returns the final logits and those of the ``keep_step``-th
+    step first) and ``round_nfe`` make a round: the SDE's, or a flow map's jumps (sample/flowmap.py). A round
+    draws from the active rows' own streams when ``generator`` holds one per row."""
     gamma = gamma_grid(denoiser.gamma_schedule(), cfg.steps, cfg.gamma_min, cfg.gamma_max, cfg.grid)
     keep_step = confidence_step(cfg.steps, cfg.confidence_quantile) if cfg.confidence_source == "quantile" else None
 
-    def draw(logits: Tensor) -> tuple[Tensor, Tensor]:
-        return sample_and_score(logits, cfg.temperature, cfg.top_p, banned, cfg.confidence, generator,
+    def draw(logits: Tensor, streams: Generators) -> tuple[Tensor, Tensor]:
+        return sample_and_score(logits, cfg.temperature, cfg.top_p, banned, cfg.confidence, streams,
                                 cfg.confidence_temperature)
 
     while (rows := state.active()).numel():
-        sub, remaining = canvas.rows(rows), state.remaining[rows]
-        logits, step_logits = sde_trajectory(denoiser, state.ids[rows], remaining, sub.prompt, sub.segment_ids,
-                                             gamma, cfg, generator, keep_step)
-        tokens, score = draw(logits)
+        sub, remaining, streams = canvas.rows(rows), state.remaining[rows], for_rows(generator, rows)
+        logits, step_logits = trajectory(denoiser, state.ids[rows], remaining, sub.prompt, sub.segment_ids,
+                                         gamma, cfg, streams, keep_step)
+        tokens, score = draw(logits, streams)
         if step_logits is not None:  # quantile: the token from the end, scored by the mid-trajectory draw's own
-            score = draw(step_logits)[1]
+            score = draw(step_logits, streams)[1]
         chosen = select_promotions(score, remaining, tokens == denoiser.eos_id, threshold, cfg.min_promote,
                                    cfg.eos_policy)
-        state.commit(rows, chosen, tokens, trajectory_nfe(cfg.steps, cfg, sub.prompt.any(dim=1)), score)
+        state.commit(rows, chosen, tokens, round_nfe(cfg, sub.prompt.any(dim=1)), score)

@@ -2,12 +2,15 @@
 (by default under the tempered, filtered distribution a token was drawn from; optionally the untempered one).
 
 Shapes: logits [..., V] (any float dtype, computed in float32); tokens Long[...]; scores float32 [...]. Every
-draw comes from the generator passed in (on the logits' device).
+draw comes from the generator passed in (on the logits' device): the batch's, or per-row streams (logits
+[b, s, V]; flow/bridge.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from mlfm_scale.flow.bridge import Generators, uniform
 
 CONFIDENCES = ("prob", "max_prob", "margin", "neg_entropy")
 CONFIDENCE_TEMPERATURES = ("tempered", "untempered")
@@ -30,9 +33,9 @@ def tempered_log_probs(logits: Tensor, temperature: float, top_p: float = 1.0, b
     return log_probs
 
 
-def gumbel_max(log_probs: Tensor, generator: torch.Generator) -> Tensor:
+def gumbel_max(log_probs: Tensor, generator: Generators) -> Tensor:
     """One token per position from ``log_probs`` [..., V]: ``argmax(log p + G)``, G standard Gumbel. Long[...]."""
-    u = torch.rand(log_probs.shape, generator=generator, device=log_probs.device).clamp_(1e-20, 1.0 - 1e-7)
+    u = uniform(log_probs.shape, generator, log_probs.device).clamp_(1e-20, 1.0 - 1e-7)
     return (log_probs - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
@@ -53,7 +56,7 @@ def confidence(log_probs: Tensor, tokens: Tensor, kind: str = "prob") -> Tensor:
 
 
 def sample_and_score(logits: Tensor, temperature: float, top_p: float, banned: Tensor | None, kind: str,
-                     generator: torch.Generator, scored_under: str = "tempered") -> tuple[Tensor, Tensor]:
+                     generator: Generators, scored_under: str = "tempered") -> tuple[Tensor, Tensor]:
     """(tokens Long[...], confidence float32 [...]): Gumbel-max draws from the tempered nucleus of ``logits``
     [..., V] without ``banned`` ids, scored by ``kind`` under ``scored_under``: ``tempered``, the distribution
     they were drawn from (the reference sampler's rule: at temperature 0.1 a clear favourite scores near 1);

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mlfm_scale.config import SampleSection
-from mlfm_scale.flow.bridge import bridge_forward, sde_step
+from mlfm_scale.flow.bridge import Generators, bridge_forward, sde_step
 from mlfm_scale.flow.schedules import bridge_time
 from mlfm_scale.sample.denoiser import Denoiser
 from mlfm_scale.sample.guidance import guidance_passes, guided_logits, guided_posterior_mean
@@ -35,7 +35,7 @@ def confidence_step(steps: int, quantile: float) -> int:
 
 
 def sde_trajectory(denoiser: Denoiser, ids: Tensor, remaining: Tensor, prompt: Tensor, segment_ids: Tensor | None,
-                   gamma: Tensor, cfg: SampleSection, generator: torch.Generator, keep_step: int | None = None
+                   gamma: Tensor, cfg: SampleSection, generator: Generators, keep_step: int | None = None
                    ) -> tuple[Tensor, Tensor | None]:
     """(final logits, logits of step ``keep_step`` or None) [b, s, V] of one trajectory over the ``gamma`` grid
     (Tensor[N + 1], high to low noise). Both are what tokens are drawn from: guided with the logits target

@@ -1,7 +1,8 @@
-"""``mlfm train CONFIG [key=value ...]``: pretrain an MLFM from streaming shards on 1..N processes.
+"""``mlfm train CONFIG [key=value ...]``: pretrain an MLFM from streaming shards on 1..N processes;
+``mlfm distill CONFIG distill.teacher=CHECKPOINT_DIR [key=value ...]``: distil a flow-map student from it.
 
 Run it under torchrun / the deepspeed launcher / SLURM, or let ``--nproc N`` start torchrun on this machine.
-The run itself is train/trainer.py's :class:`Trainer`.
+Both runs are train/trainer.py's :class:`Trainer` (distillation plugs in train/distill.py's objective).
 """
 from __future__ import annotations
 
@@ -37,6 +38,32 @@ def sft(cfg: Config, stop: StopRequest | None = None) -> dict:
     return train(cfg, stop)
 
 
+def distill_config(cfg: Config) -> Config:
+    """The config a distillation run trains under: a flow-map student (``model.flow_map``) starting from the
+    teacher's weights (``train.init_from``), for ``distill.steps`` when set. Without ``distill.teacher`` the teacher
+    is the run this config trained (its checkpoint directory), and the student's run goes to ``out_dir/distill``
+    (so a pipeline's later stages export and evaluate the student)."""
+    cfg = cfg.model_copy(deep=True)
+    if cfg.distill.teacher is None:
+        cfg.distill.teacher = str(cfg.path(cfg.checkpoint.dir))
+        # the data stays the teacher's run's: its paths are relative to the out_dir that is about to move
+        cfg.data.root = str(cfg.path(cfg.data.root).absolute())
+        for source in cfg.data.sources:
+            source.path = str(cfg.path(source.path).absolute())
+        cfg.out_dir = str(Path(cfg.out_dir) / "distill")
+    cfg.model.flow_map = True
+    cfg.train.init_from, cfg.train.init_weights = cfg.distill.teacher, cfg.distill.teacher_weights
+    if cfg.distill.steps is not None:
+        cfg.train.steps = cfg.distill.steps
+    return cfg
+
+
+def distill(cfg: Config, stop: StopRequest | None = None) -> dict:
+    """Flow-map distillation (``mlfm distill``, ``mlfm launch distill``): :func:`train` on
+    :func:`distill_config`'s config."""
+    return train(distill_config(cfg), stop)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config")
@@ -64,14 +91,16 @@ def run_local(nproc: int, argv: list[str]) -> int:
     return code
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, command: str = "train") -> int:
+    """``mlfm train`` (or, with ``command="distill"``, ``mlfm distill``)."""
     cfg = load_config(args.config, args.overrides)
     if args.nproc and "RANK" not in os.environ:
-        return run_local(args.nproc, ["train", args.config, *args.overrides])
-    summary = train(cfg)
+        return run_local(args.nproc, [command, args.config, *args.overrides])
+    summary = (distill if command == "distill" else train)(cfg)
     if dist.get_rank() == 0:
         s = summary["state"]
-        print(f"trained to step {s['step']} ({s['tokens']} tokens, {s['skipped']} skipped steps, {s['rollbacks']} "
+        done = "distilled" if command == "distill" else "trained"
+        print(f"{done} to step {s['step']} ({s['tokens']} tokens, {s['skipped']} skipped steps, {s['rollbacks']} "
               f"rollbacks) in {summary['seconds']:.1f} s; last checkpoint: {summary['last_checkpoint']}")
     dist.destroy_process_group()
     return 0

@@ -156,10 +156,7 @@ class MLFMObjective:
         or just its Draw when the x̂0 term is off (a pipeline's last stage has no clean embeddings)."""
         want_x0 = self.cfg.mse_weight > 0 and self.cfg.kind == "mlfm"
         out = model.vocab_outputs(logits, batch.tokens, posterior_mean=want_x0)
-        if batch.response is not None:
-            reduce = lambda values: sft_loss(values, c.corrupted, c.p, c.valid)
-        else:
-            reduce = lambda values: masked_loss(values, c.corrupted, c.p, c.valid, self.cfg.reduction)
+        reduce = lambda values: self.reduce(values, batch, c)
         loss = reduce(out.ce)
         if want_x0:
             loss = loss + self.cfg.mse_weight * reduce(embedding_mse(out.x0_hat, c.e.detach()))
@@ -171,6 +168,13 @@ class MLFMObjective:
                        "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach(),
                        "tokens": batch.lengths.detach()}
         return loss, diagnostics
+
+    def reduce(self, values: torch.Tensor, batch: MicroBatch, c: Draw) -> torch.Tensor:
+        """Scalar reduction of per-position losses ``values`` [b, s] over the corrupted set: LLaDA-normalised over
+        the response for SFT batches, ``objective.reduction`` otherwise."""
+        if batch.response is not None:
+            return sft_loss(values, c.corrupted, c.p, c.valid)
+        return masked_loss(values, c.corrupted, c.p, c.valid, self.cfg.reduction)
 
     def crop(self, batch: MicroBatch, generator: torch.Generator) -> MicroBatch:
         """Pretraining keeps a random prefix of the micro-batch with probability ``crop_probability`` (the

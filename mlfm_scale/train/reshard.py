@@ -112,11 +112,11 @@ def _init_adamw_state(engine, step: int) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-class _Universal:
-    """Rank-local reads of ``tag_dir/universal`` (rank 0 writes it first unless a current one is there): each
-    parameter split for this rank of the current layout."""
+class UniversalReads:
+    """Rank-local reads of ``tag_dir/universal`` (collective to build: rank 0 writes it first unless a current one
+    is there): each parameter split for this rank of the current layout, held as ZeRO-3 partitions when ``zero3``."""
 
-    def __init__(self, engine, tag_dir: Path):
+    def __init__(self, tag_dir: Path, zero3: bool, device: torch.device):
         from megatron.core import parallel_state as ps
         from safetensors import safe_open
 
@@ -129,10 +129,13 @@ class _Universal:
         on_rank0(prepare)
         self.tag_dir, self.saved = tag_dir, load_file(universal / STATE)
         self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        self.dp_rank, self.zero3 = ps.get_data_parallel_rank(), engine.zero_optimization_stage() == 3
+        self.dp_rank, self.zero3, self.device = ps.get_data_parallel_rank(), zero3, device
         self.files = {k: safe_open(universal / f"{k}.safetensors", "pt") for k in KINDS
                       if (universal / f"{k}.safetensors").is_file()}
-        self.device = next(engine.module.parameters()).device
+
+    @classmethod
+    def for_engine(cls, engine, tag_dir: Path) -> UniversalReads:
+        return cls(tag_dir, engine.zero_optimization_stage() == 3, next(engine.module.parameters()).device)
 
     def has(self, kind: str, name: str) -> bool:
         return kind in self.files and canonical_name(name) in self.files[kind].keys()
@@ -178,7 +181,7 @@ def load_resharded(engine, tag_dir: Path) -> tuple[dict, dict]:
     own state ``{"ema": ...}``). Rank 0 writes ``tag_dir/universal`` first unless a current one is there."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    src = _Universal(engine, tag_dir)
+    src = UniversalReads.for_engine(engine, tag_dir)
     groups = len(engine.lr_scheduler.optimizer.param_groups)
     if len(src.saved["lr_scheduler"]["base_lrs"]) != groups:
         raise CheckpointError(f"{tag_dir} was trained with {len(src.saved['lr_scheduler']['base_lrs'])} AdamW "
@@ -212,7 +215,7 @@ def load_weights(engine, tag_dir: Path, kind: str = "param") -> tuple[dict, list
     pretraining checkpoint starting an adapter run): they start as a new run's do (modulation and LoRA B zero)."""
     from mlfm_scale.train.engine import role
 
-    src = _Universal(engine, tag_dir)
+    src = UniversalReads.for_engine(engine, tag_dir)
     if kind not in src.files:
         raise CheckpointError(f"{tag_dir} holds no {kind} weights: set train.init_weights=param")
     _init_adamw_state(engine, 0)  # AdamW's state as its first step makes it, so the fp32 copies can be set
@@ -231,6 +234,23 @@ def load_weights(engine, tag_dir: Path, kind: str = "param") -> tuple[dict, list
             src.set_weights(p, src.full_shaped(kind, name, p))
     dist.barrier()
     return src.saved["client"], missing
+
+
+@torch.no_grad()
+def load_frozen(module: torch.nn.Module, src: UniversalReads, kind: str) -> None:
+    """Every parameter of ``module`` (outside any engine: this rank's TP slice, no ZeRO; ``src`` read with
+    ``zero3=False``) from ``src``'s ``kind`` weights; the
+    checkpoint must hold exactly the module's parameters."""
+    if kind not in src.files:
+        raise CheckpointError(f"{src.tag_dir} holds no {kind} weights: set distill.teacher_weights=param")
+    names = {canonical_name(n) for n, _ in module.named_parameters()}
+    held = set(src.files[kind].keys())
+    if names != held:
+        missing, extra = sorted(names - held), sorted(held - names)
+        raise CheckpointError(f"{src.tag_dir} does not hold this model's parameters (missing: {missing[:3]}, "
+                              f"extra: {extra[:3]}): its model config differs")
+    for name, p in module.named_parameters():
+        p.copy_(src.full_shaped(kind, name, p).view_as(p))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

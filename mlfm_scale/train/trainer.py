@@ -1,6 +1,7 @@
 """The training run: a :class:`Trainer` built from a config, whose ``run`` is a short sequence of named steps.
 
-Build: processes and groups → shards' manifest checked against the config → the objective → the model on
+Build: processes and groups → shards' manifest checked against the config → the objective (pretraining's, or
+with ``distill.teacher`` the distillation objective over its frozen teacher: train/distill.py) → the model on
 megatron-core (the same weights for every layout, sliced by TP) under DeepSpeed: ZeRO over DP with megatron TP
 as mpu, or pipeline stages × ZeRO-1 (train/steps.py hides which) → EMA → data → metrics → the checkpoint
 manager, with which every piece of resumable state registers once (train/manager.py).
@@ -13,7 +14,6 @@ so a resumed run repeats the uninterrupted one exactly.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,6 +28,7 @@ import torch.distributed as dist
 from mlfm_scale.config import Config
 from mlfm_scale.errors import UserError
 from mlfm_scale.redact import redact
+from mlfm_scale.seeds import keyed_seed
 from mlfm_scale.train.preemption import StopRequest
 
 
@@ -37,8 +38,7 @@ class TrainingError(UserError):
 
 def step_seed(seed: int, step: int, micro: int, dp_rank: int) -> int:
     """A 63-bit seed for one micro-batch's draws; equal on tensor-parallel peers."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{dp_rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return keyed_seed(seed, step, micro, dp_rank)
 
 
 class BadStepGuard:
@@ -95,8 +95,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) 
 
 
 class Trainer:
-    """Pretraining (or SFT, from SFT shards) under ``cfg``. ``stop``: a launcher's preemption request; the ranks
-    then stop together at a step boundary after a checkpoint."""
+    """Pretraining (or SFT, from SFT shards; or, with ``distill.teacher``, flow-map distillation) under ``cfg``.
+    ``stop``: a launcher's preemption request; the ranks then stop together at a step boundary after a
+    checkpoint."""
 
     def __init__(self, cfg: Config, stop: StopRequest | None = None):
         from megatron.core import parallel_state as ps
@@ -153,7 +154,12 @@ class Trainer:
             raise UserError(f"stage={cfg.stage}, but the data under {cfg.data.root} is {manifest['kind']} data: set "
                             f"stage={'sft' if manifest['kind'] == 'sft' else 'pretrain'} or point data.root at "
                             f"{'prompt/response' if cfg.stage == 'sft' else 'pretraining'} shards")
-        self.objective = MLFMObjective(cfg.objective, tok["mask_id"], (tok["eos_id"], tok["pad_id"]), cfg.sft)
+        special = (tok["eos_id"], tok["pad_id"])
+        self.teacher = Record()  # distillation: where the teacher's weights came from
+        if cfg.distill.teacher is None:
+            self.objective = MLFMObjective(cfg.objective, tok["mask_id"], special, cfg.sft)
+        else:
+            self.objective = self._distill_objective(vocab, dtype, backend, tok["mask_id"], special)
         # the same initial weights for every layout: each piece draws them from (seed, piece); TP slices them
         if self.pipelined:
             net = pipeline.build_pipeline(cfg, vocab, dtype, backend, self.objective, sft=manifest["kind"] == "sft")
@@ -173,6 +179,8 @@ class Trainer:
         # ZeRO-3 keeps gathered weights for reuse; the EMA swap must partition them first (a pinned private API)
         self.ema = EMA(self.engine.module, cfg.train.ema_decay,
                        getattr(self.engine.optimizer, "_partition_all_parameters", None))
+        if cfg.distill.target == "ema":
+            self.objective.target_weights = self.ema.swapped
         self.data = TrainData(cfg, world=reader) if self.steps.reads_data else None  # later stages read nothing
         self.val = []
         if "val" in manifest["splits"]:
@@ -183,11 +191,13 @@ class Trainer:
             from mlfm_scale.sample.validation import TrainingSamples
 
             self.sampler = TrainingSamples(cfg, model, self.objective, manifest, self.rank)
-        gammas = None
-        if cfg.train.decision_points and cfg.objective.kind == "mlfm":
+        gammas = None  # a distilled student keeps its teacher's profile (the sampler ends trajectories by it)
+        if cfg.train.decision_points and cfg.objective.kind == "mlfm" and cfg.distill.teacher is None:
             gammas = torch.linspace(cfg.objective.gamma_min, cfg.objective.gamma_max, cfg.train.decision_points,
                                     dtype=torch.float64)
         self.decision = DecisionMonitor(gammas, warn=self.rank == 0)
+        if cfg.distill.teacher is not None:
+            self.decision.load_state_dict(self.objective.teacher_profile)
         self.counters = Counters()
         self.origin = Record()  # train.init_from: where the initial weights came from
         self.guard = BadStepGuard(cfg.train.max_bad_steps)
@@ -198,7 +208,7 @@ class Trainer:
                                          cfg.checkpoint.keep_every)
         for name, component in (("counters", self.counters), ("loader", self.data), ("objective", self.objective),
                                 ("rng", RngState()), ("decision", self.decision), ("metrics", self.logger),
-                                ("origin", self.origin)):
+                                ("origin", self.origin), ("teacher", self.teacher)):
             self.manager.register(name, component)
         self.manager.register("ema", self.ema, per_rank=True)
 
@@ -252,7 +262,15 @@ class Trainer:
         from mlfm_scale.train import checkpoint
 
         loading = time.perf_counter()
+        teacher, self.teacher.value = self.teacher.value, {}
         found = self.manager.resume(self.cfg.train.resume)
+        if found is not None and teacher and self.teacher.value != teacher:  # only from its own teacher
+            saved = self.teacher.value
+            differ = ", ".join(f"{k} {saved.get(k)} there, {v} now" for k, v in teacher.items() if saved.get(k) != v)
+            what = f"was distilled from another teacher ({differ})" if saved else "is not a distillation run"
+            raise TrainingError(f"the checkpoint resumed {what}: set distill.teacher (and distill.teacher_weights) "
+                                "to the run's teacher, or start a new out_dir")
+        self.teacher.value = self.teacher.value or teacher
         if found is None:  # rows of an earlier attempt here that saved no checkpoint belong to no timeline
             self.logger.load_state_dict({"step": 0})
             if self.cfg.train.init_from:
@@ -427,6 +445,22 @@ class Trainer:
                          self.decision.profile, self._sampling_grid())
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _distill_objective(self, vocab: int, dtype: torch.dtype, backend: str, mask_id: int, special: tuple):
+        """Distillation (``distill.teacher``): the frozen teacher and the objective over it; the teacher's place
+        and hash go into every checkpoint."""
+        from mlfm_scale.train import checkpoint
+        from mlfm_scale.train.distill import DistillObjective, load_teacher
+        from mlfm_scale.train.manager import components
+
+        cfg = self.cfg
+        if not cfg.model.flow_map:
+            raise UserError("distill.teacher is set but model.flow_map is off: run distillation with `mlfm distill` "
+                            "(or `mlfm launch distill`), which trains a flow-map student")
+        teacher, tag_dir, client = load_teacher(cfg, vocab, dtype, backend, self.device)
+        self.teacher.value = {"teacher": str(tag_dir), "manifest_sha256": checkpoint.manifest_sha256(tag_dir),
+                              "weights": cfg.distill.teacher_weights}
+        return DistillObjective(cfg, mask_id, special, teacher, components(client))
+
     def _restored_schedule(self, announce: bool) -> None:
         """After a checkpoint restored the LR schedule: the horizon stays the checkpoint's unless
         ``train.schedule_steps`` moves it (logged); warmup and floor are the config's."""

@@ -4,7 +4,8 @@ One set of jobs serves the end-to-end tests, submitted together so they overlap 
 of the two nodes): A trains 60 steps on 2 nodes (one gloo rank per node) uninterrupted; B is the same run,
 signalled with USR2 (SLURM's preemption/time-limit warning) a few steps in, so it checkpoints, requeues itself
 and resumes; C continues A's run to 80 steps, submitted with `--after A`; D exports A's run (`export` job kind)
-after C.
+after C; E distils a flow-map student from A's checkpoints (`distill` job kind, 8 steps) after C; F evaluates D's
+export on 2 nodes (`eval` job kind: the validity task, data-parallel) after D.
 """
 import json
 import os
@@ -17,10 +18,12 @@ import pytest
 
 from launchers import slurm
 from mlfm_scale.config import load_config
+from mlfm_scale.train.universal import open_checkpoint
 from tests.conftest import REPO, SMALL_MODEL
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess]
-STEPS, MORE = 60, 80
+STEPS, MORE, DISTILL = 60, 80, 8
+EVAL = ["eval.tasks=[validity]", "eval.limit=2", "eval.steps=[2]"]
 RUN = [*SMALL_MODEL, "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=20",
        "train.eval_batches=2", "log.every=1", "log.plot_every=1000", "checkpoint.every=20", "checkpoint.keep_last=5"]
 LAUNCH = [sys.executable, "-m", "mlfm_scale.cli", "launch"]
@@ -85,7 +88,7 @@ def wait(condition, seconds: float, what: str, logs=()):
 @pytest.fixture(scope="module")
 def jobs(cluster, shards, env, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-runs")
-    a, b = root / "a", root / "b"
+    a, b, e = root / "a", root / "b", root / "e"
     common = [f"data.root={shards}", *RUN]
     ids = {"a": launch(env, f"out_dir={a}", f"train.steps={STEPS}", *common)}
     try:
@@ -95,16 +98,20 @@ def jobs(cluster, shards, env, tmp_path_factory):
         ids["b"] = launch(env, f"out_dir={b}", f"train.steps={STEPS}", *common)
         ids["c"] = launch(env, "--after", ids["a"], f"out_dir={a}", f"train.steps={MORE}", *common)
         ids["d"] = launch(env, "--after", ids["c"], f"out_dir={a}", *common, kind="export", nodes=1)
+        # after C, not A: C and E starting at once would race in streaming's registration (above); D builds none
+        ids["e"] = launch(env, "--after", ids["c"], f"out_dir={e}", f"distill.teacher={a / 'checkpoints'}",
+                          f"train.steps={DISTILL}", *common, "checkpoint.every=4", kind="distill")
+        ids["f"] = launch(env, "--after", ids["d"], f"out_dir={a}", *common, *EVAL, kind="eval")
         c_waits = slurm.queue_states()[ids["c"]]
         wait(lambda: reached(b, 3), 240, "job B's step 3", [b / "slurm" / ids["b"]])
         signalled = max(losses(b))
         subprocess.run(["scancel", "--signal=USR2", ids["b"]], check=True)
         done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-        wait(lambda: all(slurm.queue_states()[i][0] in done for i in ids.values()), 420, "all jobs to end",
-             [a / "slurm" / ids["a"], b / "slurm" / ids["b"], a / "slurm" / ids["c"], a / "slurm" / ids["d"]])
+        wait(lambda: all(slurm.queue_states()[i][0] in done for i in ids.values()), 540, "all jobs to end",
+             [a / "slurm" / ids[k] for k in "acdf"] + [b / "slurm" / ids["b"], e / "slurm" / ids["e"]])
     finally:
         subprocess.run(["scancel", *ids.values()], capture_output=True)
-    return {"ids": ids, "a": a, "b": b, "c_waits": c_waits, "signalled": signalled,
+    return {"ids": ids, "a": a, "b": b, "e": e, "c_waits": c_waits, "signalled": signalled,
             "states": slurm.queue_states()}
 
 
@@ -155,6 +162,29 @@ def test_export_job_chained_after_training_consolidates_its_latest_checkpoint(jo
     config = json.loads((a / "export" / "config.json").read_text())
     assert config["source_checkpoint"] == str(a / "checkpoints" / f"step{MORE:08d}") and config["weights"] == "ema"
     assert (a / "export" / "model.safetensors").stat().st_size > 0
+
+
+def test_distill_job_chained_after_pretraining_trains_the_student(jobs):
+    a, e, job = jobs["a"], jobs["e"], jobs["ids"]["e"]
+    assert jobs["states"][job][0] == "COMPLETED"
+    assert set(range(1, DISTILL + 1)) <= set(losses(e))
+    tag = e / "checkpoints" / f"step{DISTILL:08d}"
+    assert (tag / "checkpoint.json").is_file()
+    teacher = open_checkpoint(tag).client_state()["components"]["teacher"]
+    assert teacher["teacher"].startswith(str(a / "checkpoints")), teacher  # the tag of A's run it distilled
+    stored = load_config(e / "slurm" / job / "config.yaml")
+    assert stored.model.flow_map and stored.out_dir == str(e) and stored.distill.teacher == str(a / "checkpoints")
+
+
+def test_eval_job_chained_after_the_export_matches_one_local_rank(jobs, env, tmp_path):
+    a, job = jobs["a"], jobs["ids"]["f"]
+    assert jobs["states"][job][0] == "COMPLETED"
+    two_nodes = json.loads((a / "eval" / "steps2" / "validity" / "metrics.json").read_text())
+    assert two_nodes["n"] == 4 and len(two_nodes["samples"]) == 4
+    mlfm([sys.executable, "-m", "mlfm_scale.cli", "eval", "validity", "--model", str(a / "export"), "--out",
+          str(tmp_path), "--limit", "2", "--steps", "2"], env)
+    one_rank = json.loads((tmp_path / "steps2" / "validity" / "metrics.json").read_text())
+    assert one_rank["samples"] == two_nodes["samples"]  # prompts sharded over the nodes, seeded by their index
 
 
 def test_jobs_lists_state_and_latest_checkpoint(jobs, env):

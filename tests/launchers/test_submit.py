@@ -6,13 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from launchers import options
+from launchers import options, slurm
 from launchers.kinds import KINDS, PIPELINE, get
 from launchers.options import resolve_launch, sbatch_parameters
 from launchers.submit import dry_run_text, job_config, submit, submit_chain
+from mlfm_scale.cli import main
 from mlfm_scale.config import LaunchSection, load_config
 from mlfm_scale.errors import UserError
 from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def test_job_config_is_absolute_and_resumes_automatically(tmp_path, monkeypatch):
@@ -63,6 +66,82 @@ def test_a_pipeline_exports_on_one_task_after_a_multi_node_pretrain(capsys):
                  "#SBATCH --dependency=afterok:PRETRAIN_JOB_ID", "mlfm_scale.export:export_latest"):
         assert line in export, line
     assert get("export").load().__name__ == "export_latest" and not get("export").preemptible
+
+
+def test_distill_is_a_preemptible_stage_that_configures_the_chain():
+    kind = get("distill")
+    assert kind.load().__name__ == "distill" and kind.preemptible and not kind.single_task
+    assert kind.configure == "mlfm_scale.train.loop:distill_config"
+    assert PIPELINE.index("pretrain") < PIPELINE.index("distill") < PIPELINE.index("export")
+
+
+def test_a_distill_job_runs_a_flow_map_student_from_its_teacher(tmp_path):
+    launch = resolve_launch(LaunchSection(), {"cluster": "local"})
+    cfg = job_config(get("distill"), load_config(TINY, [f"out_dir={tmp_path}"]), launch)
+    teacher = str(tmp_path.resolve() / "checkpoints")
+    assert cfg.out_dir == str(tmp_path.resolve() / "distill") and cfg.distill.teacher == teacher
+    assert cfg.model.flow_map and cfg.train.init_from == teacher and cfg.train.resume == "auto"
+
+
+def launch_dry_run(capsys, monkeypatch, *args: str) -> dict[str, str]:
+    """``mlfm launch ARGS --dry-run`` on two nodes of the local profile: {kind: its dry-run text}."""
+    monkeypatch.setattr(slurm, "check_request", lambda partition, nodes: None)  # no cluster needed
+    assert main(["launch", *args, "--cluster", "local", "--nodes", "2", "--dry-run"]) == 0
+    return {text.split()[0]: text for text in capsys.readouterr().out.split("# mlfm launch ")[1:]}
+
+
+def test_a_pipeline_distils_the_pretrained_run_then_exports_the_student(tmp_path, capsys, monkeypatch):
+    out = tmp_path.resolve()
+    jobs = launch_dry_run(capsys, monkeypatch, "pipeline", TINY, f"out_dir={out}")
+    assert list(jobs)[:3] == ["pretrain", "distill", "export"]
+    assert f"config: out_dir={out} train.steps" in jobs["pretrain"] and "distill.teacher" not in jobs["pretrain"]
+    for line in ("#SBATCH --dependency=afterok:PRETRAIN_JOB_ID\n", "#SBATCH --nodes=2", "#SBATCH --requeue",
+                 "mlfm_scale.train.loop:distill(config); USR2 → checkpoint",
+                 f"config: out_dir={out / 'distill'} ", f"distill.teacher={out / 'checkpoints'} "):
+        assert line in jobs["distill"], line
+    for line in ("#SBATCH --dependency=afterok:DISTILL_JOB_ID\n", "mlfm_scale.export:export_latest",
+                 f"config: out_dir={out / 'distill'} "):  # exports the student
+        assert line in jobs["export"], line
+
+
+def test_a_distill_job_alone_trains_beside_its_default_teacher(tmp_path, capsys, monkeypatch):
+    out = tmp_path.resolve()
+    alone = launch_dry_run(capsys, monkeypatch, "distill", TINY, f"out_dir={out}")["distill"]
+    assert f"config: out_dir={out / 'distill'} " in alone and f"distill.teacher={out / 'checkpoints'} " in alone
+    given = launch_dry_run(capsys, monkeypatch, "distill", TINY, f"out_dir={out}", "distill.teacher=/runs/t/c")
+    assert f"config: out_dir={out} " in given["distill"] and "distill.teacher=/runs/t/c " in given["distill"]
+
+
+def test_a_pipeline_skipping_distill_is_the_chain_without_it(tmp_path, capsys, monkeypatch):
+    out = tmp_path.resolve()
+    jobs = launch_dry_run(capsys, monkeypatch, "pipeline", TINY, f"out_dir={out}", "--skip", "distill")
+    assert list(jobs)[:2] == ["pretrain", "export"] and "distill" not in jobs
+    cfg = load_config(TINY, [f"out_dir={out}"])
+    submit_chain([get("pretrain"), get("export")], cfg, resolve_launch(cfg.launch, {"cluster": "local", "nodes": 2}),
+                 [], dry_run=True)
+    chain = capsys.readouterr().out.split("# mlfm launch ")[1:]
+    assert [jobs["pretrain"], jobs["export"]] == chain
+    assert f"config: out_dir={out} train.steps" in jobs["export"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrain", "--skip", "distill"], "--skip distill: --skip leaves stages out of `mlfm launch pipeline`; a "
+                                        "pretrain job has none"),
+    (["pipeline", "--skip", "sft"], "--skip sft: not a registered stage of the pipeline (stages: pretrain, distill"),
+    (["pipeline", "--skip", "nope"], "--skip nope: not a registered stage of the pipeline"),
+    (["pipeline", *[a for s in PIPELINE for a in ("--skip", s) if s in KINDS]], "--skip leaves no stage"),
+], ids=["not-a-pipeline", "not-a-stage", "unknown", "all"])
+def test_a_bad_skip_is_refused(tmp_path, capsys, args, message):
+    assert main(["launch", args[0], TINY, *args[1:], f"out_dir={tmp_path}", "--dry-run"]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == "", captured.err
+
+
+def test_skipping_a_stage_that_is_not_registered_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.delitem(KINDS, "export")
+    assert main(["launch", "pipeline", TINY, "--skip", "export", f"out_dir={tmp_path}", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "--skip export: not a registered stage of the pipeline (stages: pretrain, distill" in err, err
 
 
 def script_of(dry_run: str) -> str:

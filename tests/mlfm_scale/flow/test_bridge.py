@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from mlfm_scale.flow.bridge import bridge_forward, flow_drift, sample_corrupted, sde_step
+from mlfm_scale.flow.bridge import (
+    RowGenerators,
+    bridge_forward,
+    flow_drift,
+    for_rows,
+    normal,
+    sample_corrupted,
+    sde_step,
+    uniform,
+)
 
 F64 = torch.float64
 SIGMA = 0.2
@@ -132,3 +141,33 @@ def test_flow_drift_ode_transports_the_bridge_marginal():
         guess = z + h * drift
         z = z + 0.5 * h * (drift + flow_drift(guess, e, m, t + h))
     _assert_standard_normal_per_row(_standardised(z, e, m, torch.tensor([t1], dtype=F64)))
+
+
+def test_a_plain_generator_draws_as_torch_does():
+    assert torch.equal(normal((2, 3, 4), torch.Generator().manual_seed(5), "cpu", F64),
+                       torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5), dtype=F64))
+    assert torch.equal(uniform((2, 3), torch.Generator().manual_seed(5), "cpu"),
+                       torch.rand(2, 3, generator=torch.Generator().manual_seed(5)))
+    generator = torch.Generator()
+    assert for_rows(generator, torch.tensor([1])) is generator
+
+
+def test_row_generators_draw_each_row_over_its_own_width_from_its_own_stream():
+    streams = RowGenerators.seeded([3, 4, 5], [2, 4, 1], "cpu")
+    draw = normal((3, 4, 2), streams, "cpu")
+    for row, (seed, width) in enumerate([(3, 2), (4, 4), (5, 1)]):
+        assert torch.equal(draw[row, :width], torch.randn(width, 2, generator=torch.Generator().manual_seed(seed)))
+        assert not draw[row, width:].any()
+    assert torch.equal(normal((3, 6, 2), RowGenerators.seeded([3, 4, 5], [2, 4, 1], "cpu"), "cpu")[:, :4], draw)
+
+
+def test_a_sub_batch_advances_the_same_streams():
+    streams = RowGenerators.seeded([3, 4, 5], [2, 2, 2], "cpu")
+    first = uniform((2, 2), streams.rows(torch.tensor([2, 0])), "cpu")
+    second = uniform((3, 2), streams, "cpu")
+    alone = torch.Generator().manual_seed(5)  # row 2's stream: the sub-batch's draw, then the whole batch's
+    assert torch.equal(first[0], torch.rand(2, generator=alone))
+    assert torch.equal(second[2], torch.rand(2, generator=alone))
+    assert torch.equal(second[1], torch.rand(2, generator=torch.Generator().manual_seed(4)))
+    with pytest.raises(ValueError, match="2 rows from 3"):
+        uniform((2, 2), streams, "cpu")

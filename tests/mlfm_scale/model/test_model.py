@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mlfm_scale.config import ModelSection, ParallelSection
+from mlfm_scale.errors import UserError
 from mlfm_scale.model.attention import AttentionSegments
 from mlfm_scale.model.flops import flops_per_token, parameter_count
 from mlfm_scale.model.mlfm import MLFMModel, padded_vocab_size
@@ -216,3 +217,17 @@ def test_parameter_count_matches_the_model_and_flops_scale(process_group):
     per_token = flops_per_token(smdm, 32001, 1024)
     assert 6 * layers < per_token < 6 * parameter_count(smdm, 32001) * 1.2
     assert flops_per_token(smdm, 32001, 1024, training=False) * 3 == per_token
+
+
+def test_a_new_flow_map_student_is_exactly_its_teacher(process_group):
+    teacher, student = build(), build(CFG.model_copy(update={"flow_map": True}))
+    randomise_modulation(teacher)
+    randomise_modulation(student)  # the same draws: the extra embedding takes its own seed
+    z, gamma, _ = inputs()
+    reference = teacher(z, gamma)
+    for target in (gamma, torch.tensor([-6.0, -1.0])):
+        assert float((student(z, gamma, gamma_target=target) - reference).detach().abs().max()) == 0.0
+    torch.nn.init.normal_(student.target_gamma_embedding.mlp[2].weight, std=0.5)  # once trained, γ_t matters
+    assert not torch.equal(student(z, gamma, gamma_target=torch.tensor([-6.0, -1.0])), reference)
+    with pytest.raises(UserError, match="only a flow-map student"):
+        teacher(z, gamma, gamma_target=gamma)

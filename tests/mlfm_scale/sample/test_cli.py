@@ -1,41 +1,12 @@
-"""`mlfm sample` on a small export (a random network with a real tokenizer): JSONL out, defaults, errors."""
+"""`mlfm sample` on a small export (``export_dir``: a random network with a real tokenizer): JSONL out, defaults,
+errors."""
 import json
 import shutil
 
 import pytest
-import torch
 
 from mlfm_scale.cli import main
-from mlfm_scale.config import Config, ModelSection, SampleSection
 from tests.mlfm_scale.sample.test_denoiser import CFG
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory, process_group):
-    from data_prep.synth import synth_documents
-    from data_prep.tokenizer import ensure_special_tokens, train_bpe
-    from mlfm_scale.export import export_config, export_tensors, write_safetensors
-    from mlfm_scale.model.mlfm import MLFMModel
-    from mlfm_scale.train.universal import canonical_name
-
-    out = tmp_path_factory.mktemp("export")
-    tok = train_bpe(synth_documents(200), 300)
-    ids = ensure_special_tokens(tok)
-    tok.save(str(out / "tokenizer.json"))
-    vocab = tok.get_vocab_size()
-    torch.manual_seed(0)
-    model = MLFMModel(CFG, vocab)
-    full = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
-    tensors = export_tensors(full, vocab)
-    write_safetensors(tensors, out, torch.float32, 1 << 30)
-    cfg = Config(model=ModelSection(**CFG.model_dump()), data={"seq_len": 32},
-                 sample=SampleSection(steps=3, length=6, temperature=1.0))
-    tokenizer = {"vocab_size": vocab, "mask_id": ids.mask, "eos_id": ids.eos, "pad_id": ids.pad}
-    config = export_config(cfg, tokenizer, {"objective": {"curve": None}}, tensors["embedding.weight"], out, "raw",
-                           "fp32")
-    (out / "config.json").write_text(json.dumps(config))
-    (out / "generation_config.json").write_text(json.dumps(cfg.sample.model_dump(mode="json")))
-    return out
 
 
 def sample(capsys, *args):
@@ -111,3 +82,25 @@ def test_missing_export_and_bad_prompts_file(tmp_path, capsys, export_dir):
     (broken / "generation_config.json").write_text(json.dumps({"steps": 0}))
     code, _, err = sample(capsys, "--model", str(broken), "--prompt", "x")
     assert code == 1 and "generation_config.json of the export" in err and "steps" in err
+
+
+def test_flowmap_method_samples_a_flow_map_export_and_refuses_others(export_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from mlfm_scale.model.common import TargetGammaEmbedding, conditioning_width
+
+    code, _, err = sample(capsys, "--model", str(export_dir), "--prompt", "x", "--method", "flowmap")
+    assert code == 1 and "`mlfm distill`" in err
+    student = tmp_path / "student"  # the export plus a target-time embedding: a flow-map student
+    shutil.copytree(export_dir, student)
+    weights = load_file(student / "model.safetensors")
+    embedding = TargetGammaEmbedding(CFG.time_embed_dim, CFG.time_hidden_size, conditioning_width(CFG))
+    weights |= {f"target_gamma_embedding.{n}": t for n, t in embedding.state_dict().items()}
+    save_file(weights, student / "model.safetensors")
+    config = json.loads((student / "config.json").read_text())
+    config["model"]["flow_map"] = True
+    (student / "config.json").write_text(json.dumps(config))
+    code, lines, _ = sample(capsys, "--model", str(student), "--prompt", "Story of Mila.", "--method", "flowmap",
+                            "--steps", "2", "--no-promotion", "--no-stop-at-eos")
+    assert code == 0 and len(lines[0]["token_ids"]) == 6 and lines[0]["method"] == "flowmap"
+    assert (lines[0]["nfe"], lines[0]["rounds"]) == (2, 1)

@@ -59,3 +59,18 @@ class ToyDenoiser(nn.Module):
 
     def decision_window(self):
         return None  # gamma_min=auto ends at the law's median, γ = −2
+
+
+class ToyFlowMap(ToyDenoiser):
+    """A :class:`ToyDenoiser` posing as a flow-map student: it also takes the jump's target γ_t and records it
+    (``targets``); the logits do not depend on it."""
+
+    flow_map = True
+
+    def __init__(self, seed: int = 0, fixed: torch.Tensor | None = None, sharp: float = 50.0):
+        super().__init__(seed, fixed, sharp)
+        self.targets: list[torch.Tensor | None] = []
+
+    def forward(self, z, gamma, segment_ids=None, gamma_target=None):
+        self.targets.append(None if gamma_target is None else gamma_target.clone())
+        return super().forward(z, gamma, segment_ids)
