@@ -110,3 +110,18 @@ def test_run_harness_exact_match_is_gsm8k_accuracy(export, monkeypatch):
     metrics = out["results"]["gsm8k_mlfm"]
     assert metrics["exact_match,strict-match"] == want["accuracy_strict"] == pytest.approx(1 / 3)
     assert metrics["exact_match,flexible-extract"] == want["accuracy_flexible"] == pytest.approx(2 / 3)
+
+
+def test_the_task_config_carries_mlfm_evals_protocol():
+    import yaml
+
+    from mlfm_scale.eval.harness import TASKS_DIR
+    from mlfm_scale.eval.tasks import GSM8K_PROTOCOL
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    task = yaml.load((TASKS_DIR / "gsm8k_mlfm.yaml").read_text(), Loader)
+    settings = {k: v for k, v in task["generation_kwargs"].items() if k != "until"}
+    assert settings == GSM8K_PROTOCOL  # the two definitions of the paper's sampler settings agree
