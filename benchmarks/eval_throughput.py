@@ -54,6 +54,7 @@ def main() -> None:
               f"{r['nfe_per_s']:>8.1f}")
     speedup = rows[1]["prompts_per_s"] / rows[0]["prompts_per_s"]
     print(f"2 ranks / 1 rank: {speedup:.2f}× prompts/s; samples identical: {same}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows, "speedup_2_ranks": speedup,
                                           "identical_samples": same}, indent=1))
 

@@ -137,11 +137,14 @@ def median_step_seconds(name: str) -> float:
     return times[len(times) // 2]
 
 
-def flowmap_target(by: dict[str, list[dict]]) -> dict:
+def flowmap_target(by: dict[str, list[dict]]) -> dict | None:
     """The distillation target: the student's validity at 4 jumps per round ≥ 90 % of its teacher's at 256 SDE
-    steps, at ≤ 1/20 of the NFE; with the distillation step's cost against a pretraining step's."""
-    teacher = next(r for r in by["mlfm"] if r["steps"] == 256)
-    student = next(r for r in by["flowmap"] if r["steps"] == 4)
+    steps, at ≤ 1/20 of the NFE; with the distillation step's cost against a pretraining step's. None when the
+    run measured neither point, or the teacher wrote no valid sentence."""
+    teacher = next((r for r in by["mlfm"] if r["steps"] == 256), None)
+    student = next((r for r in by["flowmap"] if r["steps"] == 4), None)
+    if teacher is None or student is None or not teacher["valid_sentences"]:
+        return None
     quality, cost = student["valid_sentences"] / teacher["valid_sentences"], student["nfe"] / teacher["nfe"]
     return {"teacher_256": teacher["valid_sentences"], "teacher_nfe": teacher["nfe"],
             "flowmap_4": student["valid_sentences"], "flowmap_nfe": student["nfe"], "quality_ratio": quality,
@@ -299,7 +302,8 @@ def main() -> None:
         print(f"target (MLFM ≥ MDM ancestral at NFE 32 and 64, best above): {'met' if met else 'missed'} {target}")
     if by.get("flowmap") and by.get("mlfm"):
         target["flowmap"] = flowmap_target(by)
-        print(f"flow-map target (4 jumps ≥ 90 % of the teacher's 256 steps at ≤ 1/20 NFE): {target['flowmap']}")
+        print("flow-map target (4 jumps ≥ 90 % of the teacher's 256 steps at ≤ 1/20 NFE): "
+              f"{target['flowmap'] or 'not measured (needs --steps with 4 and 256, and a teacher with valid samples)'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"samples": 2 * args.samples, "length": args.length, "rows": rows, "target": target},
                               indent=1))

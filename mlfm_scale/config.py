@@ -394,7 +394,7 @@ class EvalSection(Section):
     """The evaluation job (``mlfm eval``, ``mlfm launch eval``; MLFM.md, "Evaluation protocol"): tasks over an
     export, data-parallel over ranks, every prompt seeded by (seed, its index)."""
 
-    tasks: list[Literal["gsm8k", "mtbench", "genppl", "gamma", "validity"]] = Field(
+    tasks: list[Literal[EVAL_TASKS]] = Field(
         ["validity"], description="gsm8k (the paper's protocol), mtbench (first-turn answers for FastChat's judge), "
         "genppl (samples scored by a causal LM), gamma (CE against γ), validity (synthetic corpus checker)")
     model: str | None = Field(None, description="an export directory, or a checkpoint directory or tag (exported "
@@ -416,6 +416,13 @@ class EvalSection(Section):
         if any(s < 1 for s in value):
             raise ValueError(f"sampler steps must be positive, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _judge(self) -> EvalSection:  # before any model is loaded or any task sampled
+        if "genppl" in self.tasks and not self.judge:
+            raise ValueError("the genppl task scores samples with a causal LM: set eval.judge (--judge) to a local "
+                             "Hugging Face model directory, e.g. gpt2-large")
+        return self
 
 
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")

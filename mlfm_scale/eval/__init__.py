@@ -10,6 +10,8 @@ from pathlib import Path
 
 from mlfm_scale.errors import UserError
 
+BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "data_prep" / "benchmarks"  # the tasks' data
+
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """``text`` up to the earliest of the ``stop`` strings."""

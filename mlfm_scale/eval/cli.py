@@ -3,8 +3,8 @@
 
 Tasks: eval/tasks.py. ``--model`` is an export, or a checkpoint (directory with ``latest``, or a tag), exported
 first. ``--nproc N`` runs N data-parallel ranks here under torchrun (SLURM: ``mlfm launch eval``); results are the
-same for any N and batch size. Writes ``DIR/metrics.json``, ``DIR/metrics.jsonl`` (and wandb with ``--wandb``)
-and each task's files under ``DIR/[stepsN/]TASK/``, and prints a summary table.
+same for any N and batch size (eval/runner.py). Writes ``DIR/metrics.json``, ``DIR/metrics.jsonl`` (and wandb with
+``--wandb``) and each task's files under ``DIR/[stepsN/]TASK/``, and prints a summary table.
 """
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def evaluate(cfg: Config) -> dict:
 
 def score_only(path: Path, out: Path) -> dict:
     """GSM8K completions re-scored without a model: ``path`` holds ``{"index": i, "completion": ...}`` lines."""
-    from mlfm_scale.eval.gsm8k import load_problems, read_completions, score, write_results
-    from mlfm_scale.eval.tasks import GSM8K_FILE
+    from mlfm_scale.eval.gsm8k import GSM8K_FILE, load_problems, read_completions, score, write_results
 
     problems = load_problems(GSM8K_FILE)
     records, metrics = score(problems, read_completions(path, len(problems)))

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from mlfm_scale.durable import atomic_write_text
 from mlfm_scale.errors import UserError
-from mlfm_scale.eval import read_jsonl
+from mlfm_scale.eval import BENCHMARKS, read_jsonl
+
+GSM8K_FILE = BENCHMARKS / "gsm8k_test.jsonl"  # openai/grade-school-math's test set, 1319 problems
 
 PROMPT_TEMPLATE = "USER:\n{question}\nASSISTANT:\n"
 GOLD_MARKER = "####"  # GSM8K's solutions end with "#### <answer>"

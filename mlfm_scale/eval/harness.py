@@ -15,7 +15,9 @@ Its row is the prompt then ``seq_len − prompt`` positions to fill (the protoco
 ``max_gen_toks`` when a task gives fewer; a prompt that leaves no position gets "" (warned), as in ``mlfm eval``.
 The generated text (cut at EOS, decoded without special tokens) is cut at the earliest ``until`` string. Request
 ``doc_id`` i is sampled from ``prompt_seed(seed, i)`` (a repeat k ≥ 1 from ``prompt_seed(prompt_seed(seed, i),
-k)``), so a completion depends on neither the batch nor the ``limit``, and equals ``mlfm eval``'s for problem i.
+k)``), so a completion depends on neither the batch nor the ``limit``, and equals ``mlfm eval``'s for problem i
+when the seeds agree (``seed`` here, from the export's generation config unless model_args give it; ``eval.seed``
+there; both 0 by default).
 
 **Sampler settings**, later over earlier: the export's ``generation_config.json``; a task's ``generation_kwargs``
 that name SampleSection fields (its protocol: ``gsm8k_mlfm`` sets the paper's 256 steps, CFG 1.0, temperature
@@ -39,7 +41,7 @@ from pydantic import ValidationError
 
 from mlfm_scale.config import ConfigError, SampleSection, explain
 from mlfm_scale.errors import UserError
-from mlfm_scale.eval.gsm8k import extract_flexible, extract_strict, is_correct, load_problems
+from mlfm_scale.eval.gsm8k import GSM8K_FILE, extract_flexible, extract_strict, is_correct, load_problems
 
 try:
     import lm_eval.models  # noqa: F401  lm-eval's own models (lazy), which its registry skips once ours is in
@@ -187,8 +189,6 @@ def gsm8k_docs(gsm8k_file: str | None = None, **_metadata):
     default the repository's ``data_prep/benchmarks/gsm8k_test.jsonl``) in file order, so doc_id i is problem i,
     each ``{"question", "answer", "gold"}`` (gold: the final answer normalised)."""
     import datasets
-
-    from mlfm_scale.eval.tasks import GSM8K_FILE
 
     problems = load_problems(gsm8k_file or GSM8K_FILE)
     rows = [{"question": p.question, "answer": p.answer, "gold": p.gold} for p in problems]

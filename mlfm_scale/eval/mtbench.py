@@ -35,12 +35,13 @@ from pathlib import Path
 
 from mlfm_scale.durable import atomic_write_text
 from mlfm_scale.errors import UserError
-from mlfm_scale.eval import cut_at_stop, read_jsonl
+from mlfm_scale.eval import BENCHMARKS, cut_at_stop, read_jsonl
 
 # FastChat's "vicuna_v1.1" template: SeparatorStyle.ADD_COLON_TWO with sep=" ", sep2="</s>"; a prompt for one user
 # turn is system + sep + "USER: " + question + sep + "ASSISTANT:" (no space after the last colon)
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+MTBENCH_FILE = BENCHMARKS / "mt_bench_question.jsonl"  # lm-sys/FastChat's MT-Bench questions, 80
 STOP_STRINGS = ("</s>", "\nUSER:", "\nASSISTANT:")  # sep2 ends a turn; a new role line means the turn ran over
 ANSWER_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/lm-sys/FastChat/mt_bench/answer_id")
 

@@ -6,7 +6,8 @@ on rank 0, and the results' files.
 
 Prompt i goes to rank ``i mod world`` and is sampled from the seed (eval.seed, i) (``seeds.prompt_seed``), in
 fixed-length rows (prompt + fill = the model's seq_len), so its completion is byte-identical for any number
-of ranks and any batch size. One GPU per rank (bf16) when there is one, else the CPU (the export's dtype).
+of ranks and any batch size (on a GPU, as far as its kernels round a row alike in every batch shape: checked by
+ops/gpu_check.py). One GPU per rank (bf16) when there is one, else the CPU (the export's dtype).
 """
 from __future__ import annotations
 

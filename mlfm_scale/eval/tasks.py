@@ -15,16 +15,17 @@ overrides its steps (a sweep). Files go to ``out/[stepsN/]TASK/`` (rank 0 writes
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import torch
 
 from mlfm_scale.errors import UserError
+from mlfm_scale.eval.gsm8k import GSM8K_FILE
+from mlfm_scale.eval.mtbench import MTBENCH_FILE
 from mlfm_scale.eval.runner import EvalContext, as_row, mean_nfe, write_json
 
-BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "data_prep" / "benchmarks"
-GSM8K_FILE, MTBENCH_FILE = BENCHMARKS / "gsm8k_test.jsonl", BENCHMARKS / "mt_bench_question.jsonl"
 GSM8K_PROTOCOL = {"steps": 256, "guidance_scale": 1.0, "guidance_mode": "corrupt", "guidance_target": "velocity",
                   "temperature": 0.1, "threshold": 0.8, "eos_policy": "rank_separately"}
 GAMMA_BINS = 16
@@ -67,13 +68,19 @@ def mtbench(ctx: EvalContext, steps: int | None) -> dict | None:
     return as_row("mtbench", sampler.steps, metrics)
 
 
-def genppl(ctx: EvalContext, steps: int | None) -> dict | None:
-    from mlfm_scale.eval.genppl import cut_at_first_eos, load_judge, score_samples
+@functools.cache
+def judge_model(path: str):
+    """The genppl judge (model, tokenizer), loaded once per process on the CPU in float32 (a sweep's settings share
+    it; rank 0 moves it to its device)."""
+    from mlfm_scale.eval.genppl import load_judge
 
-    if not ctx.cfg.eval.judge:
-        raise UserError("the genppl task scores samples with a causal LM: set eval.judge (--judge) to a local "
-                        "Hugging Face model directory, e.g. gpt2-large")
-    judge, tokenizer = load_judge(ctx.cfg.eval.judge, "cpu", torch.float32)  # a bad judge fails before sampling
+    return load_judge(path, "cpu", torch.float32)
+
+
+def genppl(ctx: EvalContext, steps: int | None) -> dict | None:
+    from mlfm_scale.eval.genppl import cut_at_first_eos, score_samples
+
+    judge, tokenizer = judge_model(ctx.cfg.eval.judge)  # a bad judge fails before sampling
     n = ctx.cfg.eval.limit or ctx.cfg.eval.samples
     sampler = ctx.sampler({"stop_at_eos": False}, steps)
     done = ctx.generate(dict.fromkeys(range(n), ""), sampler, what="samples")

@@ -217,6 +217,23 @@ def on_rank0(fn) -> None:
         raise CheckpointError(problem[0])
 
 
+def resolve_verified(source: str, what: str, verified: Path | None = None) -> Path:
+    """Collective: the tag directory ``source`` names (:func:`resolve`), its files verified on rank 0 unless it is
+    ``verified`` (a tag directory this process has just verified), shared with every rank; errors on every rank."""
+    found = [None]
+
+    def choose() -> None:
+        ckpt_dir, tag = resolve(source, what=what)
+        tag_dir = (ckpt_dir / tag).resolve()
+        if verified is None or tag_dir != verified.resolve():
+            verify(tag_dir)
+        found[0] = str(tag_dir)
+
+    on_rank0(choose)
+    dist.broadcast_object_list(found, src=0)
+    return Path(found[0])
+
+
 def load(engine, ckpt_dir: Path, tag: str, verified: bool = False) -> tuple[dict, dict, dict]:
     """Collective: (client state, this rank's own state, checkpoint info) after verifying the files on rank 0
     (unless the caller just did: ``verified``); a checkpoint of another layout is resharded for this one

@@ -19,9 +19,9 @@ table E (frozen, identical in teacher and student) is read from it, so x̂ = p·
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -36,15 +36,17 @@ from mlfm_scale.model.vocab_parallel import (
     mean_embedding,
     soft_cross_entropy,
     vocab_parallel_log_softmax,
-    vocab_parallel_outputs,
 )
 from mlfm_scale.sample.grid import gamma_at
 from mlfm_scale.sample.guidance import unconditional_input
 from mlfm_scale.train.objective import MLFMObjective
 
 Q_MAX = 0.99  # the sampler grid's first quantile: where a promotion round's trajectory starts
-# settings that may differ between teacher and student: how the network runs, not what it computes
+# model settings that may differ between teacher and student: how the network runs, not what it computes
 RUN_ONLY = ("flow_map", "recompute", "attention")
+# objective settings that define the teacher's bridge and γ law, which the student is trained along
+BRIDGE = ("kind", "sigma", "gamma_min", "gamma_max", "gamma_schedule", "gamma_loc", "gamma_scale",
+          "mixture_weights", "active")
 
 
 def rows(segment_ids: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
@@ -76,15 +78,18 @@ def draw_time_pairs(b: int, diagonal: int, boundary_prob: float, generator: torc
     return TimePairs(q_s=q_s, q_u=(q_s + q_t) / 2, q_t=q_t, diagonal=is_diagonal)
 
 
-def check_student(student: ModelSection, teacher: dict, where: str) -> None:
-    """The student must be the teacher's network: every model setting but RUN_ONLY equal, or a clear error."""
+def check_student(student: Config, teacher: dict, where: str) -> None:
+    """The student must be the teacher's network on the teacher's bridge: every model setting but RUN_ONLY, and
+    the objective's BRIDGE settings, equal to the teacher's config (``teacher``, as saved), or a clear error."""
     ours = student.model_dump(mode="json")
-    differ = {k: v for k, v in teacher.items() if k not in RUN_ONLY and ours.get(k) != v}
+    differ = {f"{section}.{k}": (v, ours[section].get(k)) for section, keep in
+              (("model", lambda k: k not in RUN_ONLY), ("objective", lambda k: k in BRIDGE))
+              for k, v in teacher[section].items() if keep(k) and ours[section].get(k) != v}
     if differ:
-        found = ", ".join(f"{k} {v} (here {ours.get(k)})" for k, v in differ.items())
-        fixes = " ".join(f"model.{k}={v}" for k, v in differ.items())
-        raise UserError(f"the student must be the teacher's network, but the teacher ({where}) has other model "
-                        f"settings: {found}; set {fixes}")
+        found = ", ".join(f"{k} {theirs} (here {here})" for k, (theirs, here) in differ.items())
+        fixes = " ".join(f"{k}={json.dumps(theirs)}" for k, (theirs, _) in differ.items())
+        raise UserError(f"the student must be the teacher's network on the teacher's bridge, but the teacher "
+                        f"({where}) has other settings: {found}; set {fixes}")
 
 
 class DistillObjective(MLFMObjective):
@@ -126,9 +131,9 @@ class DistillObjective(MLFMObjective):
         return int(count)
 
     def gammas(self, q: torch.Tensor) -> torch.Tensor:
-        """γ [b] float32 at quantiles ``q`` of the teacher's law within the sampling range."""
+        """γ float32 (q's shape) at quantiles ``q`` of the teacher's law within the sampling range."""
         low, high = self.gamma_range
-        return gamma_at(self.schedule, q.cpu(), low, high, self.grid).float().to(q.device)
+        return gamma_at(self.schedule, q.flatten().cpu(), low, high, self.grid).view(q.shape).float().to(q.device)
 
     # ------------------------------------------------------------------------------------ targets
     def teacher_target(self, z: torch.Tensor, e: torch.Tensor, m: torch.Tensor, gamma: torch.Tensor,
@@ -168,7 +173,7 @@ class DistillObjective(MLFMObjective):
         d = self.draw(batch, generator)
         b = batch.tokens.size(0)
         pairs = draw_time_pairs(b, self.diagonal_rows(b, generator), self.distill.boundary_prob, generator)
-        g_s, g_u, g_t = (self.gammas(q) for q in (pairs.q_s, pairs.q_u, pairs.q_t))
+        g_s, g_u, g_t = self.gammas(torch.stack([pairs.q_s, pairs.q_u, pairs.q_t])).unbind()
         t_s, t_u, t_t = (bridge_time(g.double(), self.cfg.sigma) for g in (g_s, g_u, g_t))
         e = self.teacher.embed(batch.tokens)
         m = self.teacher.mask_embedding(self.mask_id)
@@ -193,11 +198,8 @@ class DistillObjective(MLFMObjective):
         if self.poisoned:
             loss = loss * float("nan")
         with torch.no_grad():
-            out = vocab_parallel_outputs(logits.detach(), batch.tokens, model.vocab_start)
-        count = d.corrupted.sum(dim=1)
-        per_row = lambda x: torch.where(d.corrupted, x.detach().float(), 0.0).sum(dim=1) / count
-        return loss, {"ce": per_row(ce), "accuracy": per_row(out.correct), "gamma": g_s.detach(),
-                      "mask_ratio": d.p.detach(), "tokens": batch.lengths.detach()}
+            out = model.vocab_outputs(logits.detach(), batch.tokens, posterior_mean=False)
+        return loss, self.diagnostics(out, ce, batch, replace(d, gamma=g_s))
 
 
 def load_teacher(cfg: Config, vocab_size: int, dtype: torch.dtype, backend: str, device: torch.device):
@@ -207,22 +209,13 @@ def load_teacher(cfg: Config, vocab_size: int, dtype: torch.dtype, backend: str,
     from mlfm_scale.train import checkpoint
     from mlfm_scale.train.reshard import UniversalReads, load_frozen
 
-    found = [None]
-
-    def choose() -> None:
-        ckpt_dir, tag = checkpoint.resolve(cfg.distill.teacher, what="distill.teacher")
-        checkpoint.verify(ckpt_dir / tag)
-        found[0] = str((ckpt_dir / tag).resolve())
-
-    checkpoint.on_rank0(choose)
-    dist.broadcast_object_list(found, src=0)
-    tag_dir = Path(found[0])
+    tag_dir = checkpoint.resolve_verified(cfg.distill.teacher, "distill.teacher")
     if tag_dir.parent.resolve() == cfg.path(cfg.checkpoint.dir).resolve():
         raise UserError(f"distill.teacher={cfg.distill.teacher} is this run's own checkpoint directory: give the "
                         "student's run another out_dir")
     src = UniversalReads(tag_dir, zero3=False, device=device)
     client = src.saved["client"]
-    check_student(cfg.model, client["config"]["model"], str(tag_dir))
+    check_student(cfg, client["config"], str(tag_dir))
     teacher_cfg = ModelSection.model_validate({**client["config"]["model"], "flow_map": False, "recompute": False})
     teacher = MLFMModel(teacher_cfg, vocab_size, cfg.parallel.tp, dtype, backend, seed=cfg.seed).to(device)
     load_frozen(teacher, src, cfg.distill.teacher_weights)

@@ -134,22 +134,14 @@ class CheckpointManager:
             checkpoint.on_rank0(lambda: checkpoint.publish_latest(ckpt_dir, tag))  # save resumes it again
         return ckpt_dir, tag
 
-    def initialise(self, source: str, kind: str) -> dict:
+    def initialise(self, source: str, kind: str, verified: Path | None = None) -> dict:
         """Collective: a new run's weights from the checkpoint ``source`` (a tag, or a directory with ``latest``;
         any layout, or ``mlfm convert``'s output), its ``param`` or ``ema`` weights; everything else starts
-        fresh. Returns the record of where they came from (``origin``), and the source's client state."""
+        fresh (``verified``: a tag directory already verified in this process, a distillation's teacher). Returns
+        the record of where they came from (``origin``), and the source's client state."""
         from mlfm_scale.train.reshard import load_weights
 
-        found = [None]
-
-        def choose() -> None:
-            ckpt_dir, tag = checkpoint.resolve(source, what="train.init_from")
-            checkpoint.verify(ckpt_dir / tag)
-            found[0] = str(ckpt_dir / tag)
-
-        checkpoint.on_rank0(choose)
-        dist.broadcast_object_list(found, src=0)
-        tag_dir = Path(found[0])
+        tag_dir = checkpoint.resolve_verified(source, "train.init_from", verified)
         client, fresh = load_weights(self.engine, tag_dir, kind)
         origin = {"init_from": str(tag_dir.absolute()), "manifest_sha256": checkpoint.manifest_sha256(tag_dir),
                   "weights": kind, "fresh": fresh}

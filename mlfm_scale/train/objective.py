@@ -162,12 +162,17 @@ class MLFMObjective:
             loss = loss + self.cfg.mse_weight * reduce(embedding_mse(out.x0_hat, c.e.detach()))
         if self.poisoned:
             loss = loss * float("nan")
+        return loss, self.diagnostics(out, out.ce, batch, c)
+
+    @staticmethod
+    def diagnostics(out, ce: torch.Tensor, batch: MicroBatch, c: Draw) -> dict[str, torch.Tensor]:
+        """Per-sequence diagnostics [b]: the means over the corrupted set of ``ce`` [b, s] and of ``out``'s
+        accuracy, confidence and entropy (VocabOutputs), and the draw's gamma and mask ratio, and the lengths."""
         count = c.corrupted.sum(dim=1)  # a row with nothing corrupted reports NaN (the γ curve skips it)
         per_row = lambda x: torch.where(c.corrupted, x.detach().float(), 0.0).sum(dim=1) / count
-        diagnostics = {"ce": per_row(out.ce), "accuracy": per_row(out.correct), "confidence": per_row(out.max_prob),
-                       "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach(),
-                       "tokens": batch.lengths.detach()}
-        return loss, diagnostics
+        return {"ce": per_row(ce), "accuracy": per_row(out.correct), "confidence": per_row(out.max_prob),
+                "entropy": per_row(out.entropy), "gamma": c.gamma.detach(), "mask_ratio": c.p.detach(),
+                "tokens": batch.lengths.detach()}
 
     def reduce(self, values: torch.Tensor, batch: MicroBatch, c: Draw) -> torch.Tensor:
         """Scalar reduction of per-position losses ``values`` [b, s] over the corrupted set: LLaDA-normalised over

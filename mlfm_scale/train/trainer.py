@@ -287,7 +287,8 @@ class Trainer:
         """A new run from ``train.init_from``'s weights (fresh optimizer, schedule, data and curve); the EMA
         starts from them. A converted MDM must share this run's vocabulary and mask id."""
         t = self.cfg.train
-        loaded = self.manager.initialise(t.init_from, t.init_weights)
+        teacher = self.teacher.value  # a distillation's teacher, just verified: its student usually starts from it
+        loaded = self.manager.initialise(t.init_from, t.init_weights, Path(teacher["teacher"]) if teacher else None)
         converted = loaded["client"].get("conversion") or {}
         for key, ours in (("vocab_size", self.cfg.model.vocab_size or self.tokens["vocab_size"]),
                           ("mask_id", self.tokens["mask_id"])):
@@ -453,9 +454,10 @@ class Trainer:
         from mlfm_scale.train.manager import components
 
         cfg = self.cfg
-        if not cfg.model.flow_map:
-            raise UserError("distill.teacher is set but model.flow_map is off: run distillation with `mlfm distill` "
-                            "(or `mlfm launch distill`), which trains a flow-map student")
+        if not (cfg.model.flow_map and cfg.train.init_from):
+            raise UserError("distill.teacher is set, but the student is not a flow-map network starting from weights "
+                            "(model.flow_map, train.init_from): run distillation with `mlfm distill` (or `mlfm launch "
+                            "distill`), whose student starts as its teacher")
         teacher, tag_dir, client = load_teacher(cfg, vocab, dtype, backend, self.device)
         self.teacher.value = {"teacher": str(tag_dir), "manifest_sha256": checkpoint.manifest_sha256(tag_dir),
                               "weights": cfg.distill.teacher_weights}

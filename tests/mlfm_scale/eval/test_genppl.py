@@ -1,5 +1,6 @@
 """Generative perplexity under a tiny GPT-2 judge built here: a word-level tokenizer over 20 letters and a 2-layer
 model trained for 30 steps on one repeated 4-word cycle, so repeated text is likely and random words are not."""
+import json
 import math
 import random
 
@@ -114,3 +115,17 @@ def test_a_missing_or_wrong_judge_directory_is_a_user_error(tmp_path):
     transformers.T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, d_kv=8).save_pretrained(tmp_path / "t5")
     with pytest.raises(UserError, match="not a causal language model"):
         load_judge(tmp_path / "t5")
+
+
+def test_the_genppl_task_scores_each_setting_of_a_sweep_with_one_judge(judge_dir, export_dir, tmp_path):
+    from mlfm_scale.cli import main
+    from mlfm_scale.eval.tasks import judge_model
+
+    judge_model.cache_clear()
+    assert main(["eval", "genppl", "--model", str(export_dir), "--out", str(tmp_path), "--judge", str(judge_dir),
+                 "--samples", "3", "--steps", "1", "2"]) == 0
+    for steps in (1, 2):
+        metrics = json.loads((tmp_path / f"steps{steps}" / "genppl" / "metrics.json").read_text())
+        assert metrics["n"] == 3 and len(metrics["samples"]) == 3 and metrics["nfe"] > 0
+        assert math.isfinite(metrics["gen_ppl"]) and metrics["gen_ppl"] > 1 and metrics["mean_entropy"] >= 0
+    assert judge_model.cache_info().misses == 1  # loaded once for both settings

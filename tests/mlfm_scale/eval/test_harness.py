@@ -5,7 +5,7 @@ end to end, offline."""
 import pytest
 from lm_eval.api.instance import Instance
 
-from mlfm_scale.eval.gsm8k import load_problems, prompt_of, score
+from mlfm_scale.eval.gsm8k import GSM8K_FILE, load_problems, prompt_of, score
 from mlfm_scale.eval.harness import (
     MLFMHarnessLM,
     NoLikelihood,
@@ -13,7 +13,6 @@ from mlfm_scale.eval.harness import (
     run_harness,
     strict_answers,
 )
-from mlfm_scale.eval.tasks import GSM8K_FILE
 from tests.mlfm_scale.eval.conftest import SEQ_LEN
 
 FAST = {"steps": 2, "stop_at_eos": False}

@@ -16,7 +16,7 @@ from mlfm_scale.data.batch import MicroBatch
 from mlfm_scale.model.mlfm import MLFMModel
 from mlfm_scale.train.distill import Q_MAX, DistillObjective, draw_time_pairs
 from tests.conftest import REPO, SMALL_MODEL
-from tests.mlfm_scale.train.test_training import metrics
+from tests.mlfm_scale.train.test_training import metrics, train
 
 V = 64
 RUN = [*SMALL_MODEL, "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=3", "train.eval_batches=2",
@@ -145,13 +145,17 @@ def test_ema_targets_with_decay_zero_equal_the_students(student, dp2_run, shards
     assert all(ema[s] == straight[s] for s in (1, 2, 3))
 
 
-def test_a_teacher_of_another_network_or_the_run_itself_is_refused(dp2_run, shards, tmp_path):
+def test_a_teacher_of_another_network_the_run_itself_or_a_fresh_student_is_refused(dp2_run, shards, tmp_path):
     result = distill(tmp_path / "a", shards, 1, dp2_run / "checkpoints", "train.steps=1", "model.ffn_hidden_size=96",
-                     check=False)
-    assert result.returncode != 0 and "ffn_hidden_size 64 (here 96)" in result.stderr
-    assert "set model.ffn_hidden_size=64" in result.stderr
+                     "objective.sigma=0.3", "objective.mask_ratio=uniform", check=False)
+    assert result.returncode != 0 and "model.ffn_hidden_size 64 (here 96), objective.sigma 0.2 (here 0.3);" in \
+        result.stderr  # the student's own training law (mask ratio) may differ, not the teacher's bridge
+    assert "set model.ffn_hidden_size=64 objective.sigma=0.2" in result.stderr
     result = distill(dp2_run, shards, 1, dp2_run / "checkpoints", "train.steps=1", check=False)
     assert result.returncode != 0 and "this run's own checkpoint directory" in result.stderr
+    result = train(tmp_path / "b", shards, 1, f"distill.teacher={dp2_run / 'checkpoints'}", "model.flow_map=true",
+                   check=False)  # `mlfm train` with a teacher: its student would start from random weights
+    assert result.returncode != 0 and "whose student starts as its teacher" in result.stderr
 
 
 def test_the_student_exports_and_samples_in_few_jumps(student, tmp_path, mlfm_cmd):
